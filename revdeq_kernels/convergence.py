@@ -1,0 +1,68 @@
+"""The stop test shared by every solver: per-sample relative residual, the tolerance
+rule, the residual history, and what happens when the state stops being finite."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+RESIDUAL_EPS = 1e-5
+
+
+def relative_residual(sq_res: Tensor, sq_f: Tensor) -> Tensor:
+    """Per-sample ||z - f(z)|| / (1e-5 + ||f(z)||) from the two sums of squares."""
+    return sq_res.sqrt() / (RESIDUAL_EPS + sq_f.sqrt())
+
+
+class ConvergenceMonitor:
+    """Records the residual after each step and says when to stop.
+
+    With tol > 0 the solver has to look at the residual every step anyway (one device
+    sync per step), so a non-finite state is reported at once. With tol = 0 nothing is
+    synchronised inside the loop: the history stays on the device and the first
+    non-finite step is found once, in ``finish``.
+    """
+
+    def __init__(self, problem):
+        self.problem = problem
+        self.history: list[Tensor] = []
+        self.residual: Tensor | None = None
+        self.reported = False
+
+    def converged(self, step: int, sq_res: Tensor, sq_f: Tensor) -> bool:
+        """Record the residual of the state after ``step`` steps; True if it meets tol."""
+        self.residual = relative_residual(sq_res, sq_f)
+        worst = self.residual.max() if self.residual.numel() else self.residual.new_zeros(())
+        self.history.append(worst)
+        if self.problem.tol == 0:
+            return False
+        if not torch.isfinite(worst):
+            self._report(step)
+            return False
+        return float(worst) <= self.problem.tol
+
+    def finish(self, steps: int) -> None:
+        stats = self.problem.stats
+        history = torch.stack(self.history).tolist() if self.history else []
+        if not self.reported:
+            bad = next((i + 1 for i, r in enumerate(history) if not torch.isfinite(torch.tensor(r))), None)
+            if bad is not None:
+                self._report(bad)
+        stats.steps = steps
+        stats.residual = self.residual.detach()
+        stats.residual_history = [float(r) for r in history]
+
+    def _report(self, step: int) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        problem = self.problem
+        message = (
+            f"DEQ state became non-finite (NaN or Inf) at step {step} of {problem.max_steps}; "
+            "lower beta, normalise f's output, or keep the states in float64 (state_dtype)"
+        )
+        if problem.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)

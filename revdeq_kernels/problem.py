@@ -1,0 +1,146 @@
+"""Everything a solve needs to know about f and its inputs, validated once.
+
+Shared by the reversible solver, the unrolled reference and the classic DEQ baselines,
+so that all of them call f the same way: the state cast to the dtype f computes in,
+the same per-evaluation random stream, and the same checks on what f returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .ops import STATE_DTYPES, resolve_backend
+from .rng import EvaluationRNG
+from .stats import SolverStats
+
+NONFINITE_MODES = ("raise", "warn")
+
+
+def check_beta(beta: float) -> float:
+    beta = float(beta)
+    if not (0.0 < beta < 2.0) or beta == 1.0 or not math.isfinite(beta):
+        raise ValueError(
+            f"beta must be in (0, 2) and != 1 (the inverse divides by 1 - beta), got {beta}"
+        )
+    return beta
+
+
+def check_solver_args(max_steps: int, tol: float | None, state_dtype, on_nonfinite: str):
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    tol = 0.0 if tol is None else float(tol)
+    if not tol >= 0.0:
+        raise ValueError(f"tol must be >= 0 (0 runs exactly max_steps steps), got {tol}")
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise TypeError(f"state_dtype must be one of {STATE_DTYPES} or None, got {state_dtype}")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+    return tol
+
+
+def trainable_parameters(f) -> list[Tensor]:
+    if isinstance(f, nn.Module):
+        return [p for p in f.parameters() if p.requires_grad]
+    return []
+
+
+@dataclass
+class Problem:
+    """One solve: f, its input injection's dtype/device, and the solver settings."""
+
+    f: object
+    beta: float
+    max_steps: int
+    tol: float
+    state_dtype: torch.dtype
+    f_dtype: torch.dtype  # what f is fed: the dtype of x
+    device: torch.device
+    backend: str
+    on_nonfinite: str
+    rng: EvaluationRNG
+    autocast: tuple[bool, torch.dtype]
+    stats: SolverStats = field(default_factory=SolverStats)
+    f_out_dtype: torch.dtype | None = None
+    params: list = field(default_factory=list)  # the tensors the backward differentiates
+
+    def call_f(self, state: Tensor, x: Tensor, index: int) -> Tensor:
+        """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
+        z_in = state if state.dtype == self.f_dtype else state.to(self.f_dtype)
+        with self.rng.evaluation(index):
+            out = self.f(z_in, x)
+        self._check_output(out, state)
+        return out
+
+    def _check_output(self, out, state: Tensor) -> None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f must return a Tensor, got {type(out).__name__}")
+        if out.shape != state.shape:
+            raise ValueError(
+                f"f returned shape {tuple(out.shape)} but the state z has shape "
+                f"{tuple(state.shape)}; f(z, x) must return a tensor of z's shape"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"f must return a floating-point tensor, got dtype {out.dtype}")
+        if out.device != state.device:
+            raise ValueError(f"f returned a tensor on {out.device} but the state is on {state.device}")
+        self.f_out_dtype = out.dtype
+
+    def autocast_context(self):
+        enabled, dtype = self.autocast
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+
+def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
+    try:
+        return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError):  # device types without autocast support
+        return False, torch.float32
+
+
+def make_problem(
+    f, x: Tensor, z0: Tensor | None, *, beta, max_steps, tol, state_dtype, backend,
+    on_nonfinite, replay_rng: bool = True,
+) -> tuple[Problem, Tensor]:
+    """Validate the inputs and build the Problem; returns it with the initial state."""
+    if not callable(f):
+        raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension (dim 0); got a 0-d tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (f computes in x's dtype), got {x.dtype}")
+    tol = check_solver_args(max_steps, tol, state_dtype, on_nonfinite)
+    state_dtype = state_dtype or (z0.dtype if z0 is not None and z0.dtype in STATE_DTYPES else x.dtype)
+    if state_dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"states are kept in {state_dtype} (x's dtype) but must be one of {STATE_DTYPES}; "
+            "pass state_dtype=torch.float32 or float64"
+        )
+    if z0 is None:
+        start = torch.zeros(x.shape, dtype=state_dtype, device=x.device)
+    else:
+        if not isinstance(z0, Tensor):
+            raise TypeError(f"z0 must be a torch.Tensor or None, got {type(z0).__name__}")
+        if z0.device != x.device:
+            raise ValueError(f"z0 is on {z0.device} but x is on {x.device}")
+        if z0.dim() == 0 or z0.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"z0 has shape {tuple(z0.shape)} but x has shape {tuple(x.shape)}: "
+                "they must share the batch dimension (dim 0)"
+            )
+        if not z0.is_floating_point():
+            raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
+        start = z0.detach().to(state_dtype).contiguous()
+    problem = Problem(
+        f=f, beta=check_beta(beta), max_steps=max_steps, tol=tol, state_dtype=state_dtype,
+        f_dtype=x.dtype, device=x.device, backend=resolve_backend(backend, x.device),
+        on_nonfinite=on_nonfinite, rng=EvaluationRNG(x.device, enabled=replay_rng),
+        autocast=_autocast_state(x.device),
+    )
+    problem.stats.backend = problem.backend
+    return problem, start

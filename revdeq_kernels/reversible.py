@@ -1,0 +1,268 @@
+"""Reversible DEQ: the forward iteration, its exact algebraic inverse in the backward pass,
+the autograd.Function that connects them, and the ``ReversibleDEQ`` module.
+
+Forward (b = beta), from y_0 = z_0 and F = f(z_0):
+    y_{n+1} = (1-b) y_n + b F              F = f(z_n), reused from the previous step
+    z_{n+1} = (1-b) z_n + b f(y_{n+1})
+    F       = f(z_{n+1})                   for the next y-update and the stop test
+Backward, for n = N-1 .. 0, from gz = dL/dz_N, gy = 0:
+    fy  = f(y_{n+1})  with graph; vjp with cotangent b*gz
+    z_n = (z_{n+1} - b fy) / (1-b);        gy <- gy + b J_f(y_{n+1})^T gz
+    fz  = f(z_n)      with graph; vjp with cotangent b*gy
+    y_n = (y_{n+1} - b fz) / (1-b);        gz <- (1-b) gz + b J_f(z_n)^T gy;  gy <- (1-b) gy
+Each reverse step evaluates f exactly twice and reuses those outputs for the
+reconstruction. Only x, z_N, y_N (and the optional checkpoints) are saved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import ops
+from .convergence import ConvergenceMonitor
+from .problem import Problem, check_beta, check_solver_args, make_problem, trainable_parameters
+from .stats import Solution, SolverStats
+from .unrolled import unrolled_solve
+
+ADJOINTS = ("reversible", "unrolled")
+
+
+def forward_iteration(problem: Problem, x: Tensor, start: Tensor, checkpoint_every: int | None):
+    """Run the iteration without a graph. Returns (y_N, z_N, {step: (y, z)} checkpoints)."""
+    b, backend = problem.beta, problem.backend
+    y, z = start.clone(), start.clone()
+    F = problem.call_f(z, x, 0)
+    checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
+    monitor = ConvergenceMonitor(problem)
+    steps = problem.max_steps
+    for n in range(problem.max_steps):
+        if n == 0:
+            ops.relax_(y, F, b, backend=backend)
+        # Stop test for the state after n steps, fused with the speculative y-update of
+        # step n+1 (F is read once for both). On a stop the update is undone by its exact
+        # inverse: one extra pass once per solve instead of a separate pass every step.
+        elif monitor.converged(n, *ops.relax_residual_(y, z, F, b, backend=backend)):
+            ops.unrelax_(y, F, b, backend=backend)
+            steps = n
+            break
+        ops.relax_(z, problem.call_f(y, x, 2 * n + 1), b, backend=backend)
+        F = problem.call_f(z, x, 2 * n + 2)
+        if checkpoint_every and (n + 1) % checkpoint_every == 0 and n + 1 < problem.max_steps:
+            checkpoints[n + 1] = (y.clone(), z.clone())
+    else:
+        monitor.converged(steps, *ops.residual_norms(z, F, backend=backend))
+    monitor.finish(steps)
+    problem.stats.nfe_forward = 1 + 2 * steps
+    return y, z, {k: v for k, v in checkpoints.items() if k < steps}
+
+
+class _BufferSnapshot:
+    """Restore f's buffers (BatchNorm running stats, counters) after the backward's
+    recomputations, so that recomputing f does not count as another training step."""
+
+    def __init__(self, f):
+        self.saved = [(buf, buf.detach().clone()) for buf in f.buffers()] if isinstance(f, nn.Module) else []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+
+
+def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
+    if grad is None:
+        return total
+    return grad.detach().clone() if total is None else total.add_(grad)
+
+
+def _relative_gap(state: Tensor, truth: Tensor, scale: float) -> float:
+    return float((state - truth).abs().max()) / scale if state.numel() else 0.0
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, problem: Problem, checkpoint_every, x, z0, start, *params):
+        y, z, checkpoints = forward_iteration(problem, x, start, checkpoint_every)
+        ctx.problem = problem
+        ctx.checkpoint_steps = sorted(checkpoints)
+        ctx.z0_given = z0 is not None
+        ctx.z0_dtype = z0.dtype if z0 is not None else None
+        saved = [x, z, y] + ([start] if z0 is not None else [])
+        for step in ctx.checkpoint_steps:
+            saved.extend(checkpoints[step])
+        ctx.save_for_backward(*saved)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z):
+        problem: Problem = ctx.problem
+        x, z_final, y_final, *rest = ctx.saved_tensors
+        true_start = rest.pop(0) if ctx.z0_given else torch.zeros_like(z_final)
+        checkpoints = {s: (rest[2 * i], rest[2 * i + 1]) for i, s in enumerate(ctx.checkpoint_steps)}
+        b, backend, stats = problem.beta, problem.backend, problem.stats
+        params = problem.params
+        needs_x = ctx.needs_input_grad[2]
+
+        z, y = z_final.clone(), y_final.clone()  # z_N may be referenced downstream: never mutate it
+        gz = grad_z.to(problem.state_dtype).contiguous().clone()
+        gy = torch.zeros_like(gz)
+        cotangent = torch.mul(gz, b).to(problem.f_out_dtype or problem.f_dtype)
+        x_in = x.detach().requires_grad_(needs_x)
+        grad_x, grad_params = None, [None] * len(params)
+        scale = max(float(z_final.abs().max()) if z_final.numel() else 0.0, torch.finfo(z.dtype).tiny)
+        worst_gap = 0.0
+
+        def evaluate_with_vjp(state: Tensor, index: int):
+            nonlocal grad_x
+            f_in = (state.detach() if state.dtype == problem.f_dtype else state.to(problem.f_dtype))
+            f_in.requires_grad_(True)
+            out = problem.call_f(f_in, x_in, index)
+            inputs = [f_in] + ([x_in] if needs_x else []) + params
+            if out.requires_grad:
+                grads = torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
+            else:  # f ignores everything that needs a gradient
+                grads = (None,) * len(inputs)
+            # Take x's and the parameters' shares before `cotangent` is overwritten: a vjp
+            # may alias the cotangent (f = identity in some argument returns it as is).
+            if needs_x:
+                grad_x = _accumulate(grad_x, grads[1])
+            for i, g in enumerate(grads[1 + needs_x:]):
+                grad_params[i] = _accumulate(grad_params[i], g)
+            vjp_state = grads[0] if grads[0] is not None else torch.zeros_like(out)
+            if vjp_state.untyped_storage().data_ptr() == cotangent.untyped_storage().data_ptr():
+                vjp_state = vjp_state.clone()
+            return out.detach(), vjp_state
+
+        with torch.enable_grad(), problem.autocast_context(), _BufferSnapshot(problem.f):
+            for n in reversed(range(stats.steps)):
+                f_y, vjp = evaluate_with_vjp(y, 2 * n + 1)            # f(y_{n+1})
+                ops.unrelax_(z, f_y, b, backend=backend)              # z_n
+                ops.adjoint_accumulate_(gy, vjp, cotangent, b, True, backend=backend)
+                f_z, vjp = evaluate_with_vjp(z, 2 * n)                # f(z_n)
+                ops.unrelax_(y, f_z, b, backend=backend)              # y_n
+                ops.adjoint_accumulate_(gz, vjp, cotangent, b, False, backend=backend)
+                if n in checkpoints:  # restart from the stored states: drift bounded by K steps
+                    y_true, z_true = checkpoints[n]
+                    worst_gap = max(worst_gap, _relative_gap(y, y_true, scale), _relative_gap(z, z_true, scale))
+                    y.copy_(y_true)
+                    z.copy_(z_true)
+        worst_gap = max(worst_gap, _relative_gap(y, true_start, scale), _relative_gap(z, true_start, scale))
+        stats.reconstruction_error = worst_gap
+        stats.nfe_backward = 2 * stats.steps
+
+        grad_z0 = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_z0 = gz.add_(gy).to(ctx.z0_dtype)  # y_0 = z_0 = z0: both states start from z0
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params)]
+        return (None, None, grad_x, grad_z0, None, *grad_params)
+
+
+def solve(
+    f,
+    x: Tensor,
+    z0: Tensor | None = None,
+    *,
+    beta: float = 0.8,
+    max_steps: int = 8,
+    tol: float | None = 1e-3,
+    state_dtype: torch.dtype | None = None,
+    checkpoint_every: int | None = None,
+    backend: str | None = None,
+    adjoint: str = "reversible",
+    on_nonfinite: str = "raise",
+    replay_rng: bool = True,
+    parameters=None,
+) -> Solution:
+    """Solve the RevDEQ fixed point of ``f(z, x)`` and return ``Solution(z, stats)``.
+
+    Gradients flow to x, to z0 when it requires grad, and to the parameters of f (all of
+    an nn.Module's trainable parameters, or the tensors given in ``parameters`` for a
+    plain function). ``adjoint="unrolled"`` backpropagates with plain autograd through
+    the same iteration (exact, memory grows with steps): the reference the reversible
+    adjoint is tested against.
+    """
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
+                                         or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+    problem, start = make_problem(
+        f, x, z0, beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype,
+        backend=backend, on_nonfinite=on_nonfinite, replay_rng=replay_rng,
+    )
+    if parameters is not None and isinstance(f, nn.Module):
+        raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
+    params = [p for p in parameters if p.requires_grad] if parameters is not None else trainable_parameters(f)
+    problem.params = params
+    if adjoint == "unrolled":
+        return Solution(unrolled_solve(problem, x, z0, start), problem.stats)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params)
+    )
+    if not needs_grad:
+        with torch.no_grad():
+            _, z, _ = forward_iteration(problem, x, start, None)
+        return Solution(z, problem.stats)
+    z = _ReversibleFunction.apply(problem, checkpoint_every, x, z0, start, *params)
+    return Solution(z, problem.stats)
+
+
+class ReversibleDEQ(nn.Module):
+    """A deep equilibrium layer solved by the reversible iteration, with exact gradients
+    of that iteration and memory that does not grow with ``max_steps``.
+
+    Args:
+        f: ``f(z, x) -> z'``, an nn.Module (its parameters are trained) or a callable.
+        beta: relaxation in (0, 2), != 1.
+        max_steps: at most this many steps (each costs 2 evaluations of f).
+        tol: stop when every sample's ||z - f(z)|| / (1e-5 + ||f(z)||) <= tol; 0 runs
+            exactly ``max_steps`` steps.
+        state_dtype: dtype of the states y, z (e.g. float64 states for float32 f).
+        checkpoint_every: store the states every K steps and restart the backward's
+            reconstruction from them (memory O(N/K), drift bounded by K steps).
+        backend: kernel backend for the state updates (``None`` = $REVDEQ_BACKEND or auto).
+        adjoint: "reversible", or "unrolled" (autograd through every step; the reference).
+        on_nonfinite: "raise" a FloatingPointError naming the step, or "warn".
+    """
+
+    def __init__(self, f, beta: float = 0.8, max_steps: int = 8, tol: float | None = 1e-3,
+                 state_dtype: torch.dtype | None = None, checkpoint_every: int | None = None,
+                 backend: str | None = None, adjoint: str = "reversible", on_nonfinite: str = "raise",
+                 replay_rng: bool = True):
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
+        if adjoint not in ADJOINTS:
+            raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
+        self.f = f
+        self.beta = check_beta(beta)
+        self.tol = check_solver_args(max_steps, tol, state_dtype, on_nonfinite)
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+        self.max_steps, self.state_dtype, self.checkpoint_every = max_steps, state_dtype, checkpoint_every
+        self.backend, self.adjoint, self.on_nonfinite = backend, adjoint, on_nonfinite
+        self.replay_rng = replay_rng
+        self.last_stats: SolverStats | None = None
+
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+        solution = solve(
+            self.f, x, z0, beta=self.beta, max_steps=self.max_steps, tol=self.tol,
+            state_dtype=self.state_dtype, checkpoint_every=self.checkpoint_every,
+            backend=self.backend, adjoint=self.adjoint, on_nonfinite=self.on_nonfinite,
+            replay_rng=self.replay_rng,
+        )
+        self.last_stats = solution.stats
+        return solution.z
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, max_steps={self.max_steps}, tol={self.tol}, "
+                f"state_dtype={self.state_dtype}, checkpoint_every={self.checkpoint_every}, "
+                f"adjoint={self.adjoint!r}")

@@ -1,0 +1,50 @@
+"""What a solve reports: steps, residuals, function evaluations, reconstruction drift."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class SolverStats:
+    """Filled by the forward solve; ``nfe_backward`` and ``reconstruction_error`` are filled
+    by the backward pass (they stay 0 / None until it runs).
+
+    residual: per-sample ||z - f(z)|| / (1e-5 + ||f(z)||) at the returned state, shape [B].
+    residual_history: the max over the batch of that residual after each step.
+    reconstruction_error: for the reversible adjoint, max |reconstructed - true| over the
+        states the backward pass lands on (the start, and every checkpoint), divided by
+        max |z_N| (the scale of the state). 0 means the inverse was exact in floating point.
+    """
+
+    steps: int = 0
+    residual: Tensor | None = None
+    residual_history: list[float] = field(default_factory=list)
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    reconstruction_error: float | None = None
+    backend: str = "torch"
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max()) if self.residual is not None and self.residual.numel() else 0.0
+
+
+@dataclass
+class Solution:
+    """Return value of :func:`revdeq_kernels.solve`: the equilibrium ``z`` and the live stats.
+
+    The stats' fields are readable directly (``sol.steps``, ``sol.residual``, ...); the
+    backward pass writes into the same stats object, so ``sol.reconstruction_error`` is
+    filled after ``loss.backward()``.
+    """
+
+    z: Tensor
+    stats: SolverStats
+
+    def __getattr__(self, name: str):
+        if name in SolverStats.__dataclass_fields__ or name == "max_residual":
+            return getattr(self.__dict__["stats"], name)
+        raise AttributeError(f"Solution has no attribute {name!r}")

@@ -1,0 +1,46 @@
+"""The RevDEQ iteration with plain autograd through every step.
+
+Exact by construction and memory-hungry (every step's graph is kept): the reference the
+reversible adjoint is tested against, and the ``adjoint="unrolled"`` baseline. It calls
+f exactly as the reversible solver does (same dtypes, same random stream per
+evaluation, same stop rule) and does its arithmetic like the kernels (float32, or float64
+for float64 states), out of place so autograd can see it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .convergence import ConvergenceMonitor
+from .ops.reference import accumulation_dtype, residual_norms
+
+
+def relax(state: Tensor, f_out: Tensor, beta: float) -> Tensor:
+    acc = accumulation_dtype(state.dtype)
+    return ((1.0 - beta) * state.to(acc) + beta * f_out.to(acc)).to(state.dtype)
+
+
+def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor) -> Tensor:
+    """Returns z_N with the whole iteration in the autograd graph."""
+    b = problem.beta
+    z = start if z0 is None else z0.to(problem.state_dtype)  # keeps the graph to z0
+    y = z
+    F = problem.call_f(z, x, 0)
+    monitor = ConvergenceMonitor(problem)
+    steps = problem.max_steps
+    for n in range(problem.max_steps):
+        if n > 0:
+            with torch.no_grad():
+                if monitor.converged(n, *residual_norms(z, F)):
+                    steps = n
+                    break
+        y = relax(y, F, b)
+        z = relax(z, problem.call_f(y, x, 2 * n + 1), b)
+        F = problem.call_f(z, x, 2 * n + 2)
+    else:
+        with torch.no_grad():
+            monitor.converged(steps, *residual_norms(z, F))
+    monitor.finish(steps)
+    problem.stats.nfe_forward = 1 + 2 * steps
+    return z
