@@ -119,7 +119,7 @@ def adjoint_accumulate_(
     _check_read("vjp", vjp, "grad", grad)
     _check_written("cotangent", cotangent, F_DTYPES)
     _check_read("cotangent", cotangent, "grad", grad)
-    if cotangent.data_ptr() == grad.data_ptr() and grad.numel() > 0:
+    if not torch.compiler.is_compiling() and grad.numel() and cotangent.data_ptr() == grad.data_ptr():
         raise ValueError("cotangent and grad must be different tensors")
     _run("adjoint_accumulate_", backend, grad.device, grad, vjp, cotangent, _check_beta(beta),
          bool(scale_after))

@@ -118,8 +118,13 @@ def _supports(info: BackendInfo, device: torch.device) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
-    """The backend that will run for a tensor on ``device``; raises if it cannot."""
+    """The backend that will run for a tensor on ``device``; raises if it cannot.
+
+    Constant for a given (backend, device), so torch.compile evaluates it once while
+    tracing instead of tracing the extension imports inside it.
+    """
     device = torch.device(device)
     name = backend if backend is not None else os.environ.get(ENV_BACKEND, "auto")
     name = name.lower()

@@ -1,0 +1,64 @@
+"""Shared test utilities: devices, backends, dtype tolerances and verbose comparisons."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from revdeq_kernels import ops
+
+
+def devices() -> list[str]:
+    """CPU always, CUDA when present; REVDEQ_TEST_DEVICES=cpu,cuda overrides."""
+    env = os.environ.get("REVDEQ_TEST_DEVICES")
+    if env:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_pairs() -> list[tuple[str, str]]:
+    """Every (backend, device) combination that can run here."""
+    pairs = []
+    for device in devices():
+        for name in ops.BACKENDS:
+            try:
+                ops.resolve_backend(name, device)
+            except RuntimeError:
+                continue
+            pairs.append((name, device))
+    return pairs
+
+
+def pair_id(pair) -> str:
+    return f"{pair[0]}-{pair[1]}"
+
+
+DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+# Relative error allowed for one rounding of the result into the written dtype, measured
+# against the float64 reference and relative to the size of the terms being combined.
+# bf16 keeps 8 significant bits (half-ulp 2^-9 ~ 2e-3); one ulp covers double rounding.
+ROUNDING = {torch.float64: 4e-16, torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float, what: str) -> None:
+    """|actual - expected| <= bound elementwise, with a message saying where and how much."""
+    actual64, expected64 = actual.double(), expected.double()
+    bound = torch.as_tensor(bound, dtype=torch.float64, device=actual.device)
+    err = (actual64 - expected64).abs()
+    excess = err - bound
+    if excess.numel() and bool((excess > 0).any()):
+        idx = int(excess.flatten().argmax())
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), actual.shape))
+        bad = int((excess > 0).sum())
+        b = bound.expand_as(err).flatten()[idx]
+        raise AssertionError(
+            f"{what}: {bad}/{err.numel()} elements exceed the bound; worst at index {where}: "
+            f"got {actual64.flatten()[idx].item():.17g}, expected {expected64.flatten()[idx].item():.17g}, "
+            f"|diff| {err.flatten()[idx].item():.3g} > bound {b.item():.3g}; max |diff| {err.max().item():.3g}"
+        )
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300))

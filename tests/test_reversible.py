@@ -1,0 +1,339 @@
+"""ReversibleDEQ against autograd through the unrolled iteration, memory, stopping,
+randomness, and every documented error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import revdeq_kernels as rk
+from tests.helpers import backend_device_pairs, pair_id, relative_error
+
+
+class Block(nn.Module):
+    """A small f(z, x) with parameters, input injection and optional dropout/BatchNorm."""
+
+    def __init__(self, width: int = 6, dropout: float = 0.0, batchnorm: bool = False):
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+        self.inject = nn.Linear(width, width, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
+
+    def forward(self, z, x):
+        return self.drop(torch.tanh(self.norm(self.mix(z) + self.inject(x))))
+
+
+def run(adjoint, beta, steps, *, dtype=torch.float64, dropout=0.0, checkpoint_every=None,
+        tol=0.0, z0=False, backend="torch", state_dtype=None, seed=0, batch=4, width=6):
+    """Loss gradients w.r.t. x, z0 and every parameter, for one fixed set of weights/inputs."""
+    torch.manual_seed(seed)
+    f = Block(width, dropout).to(dtype)
+    x = torch.randn(batch, width, dtype=dtype, requires_grad=True)
+    start = torch.randn(batch, width, dtype=dtype, requires_grad=True) if z0 else None
+    torch.manual_seed(seed + 1)  # the solve draws its per-evaluation seeds from here
+    sol = rk.solve(f, x, start, beta=beta, max_steps=steps, tol=tol, adjoint=adjoint,
+                   checkpoint_every=checkpoint_every, backend=backend, state_dtype=state_dtype)
+    loss = (sol.z.double().square().sum() + sol.z.double().sin().sum())
+    loss.backward()
+    grads = [x.grad] + ([start.grad] if z0 else []) + [p.grad for p in f.parameters()]
+    return torch.cat([g.flatten().double() for g in grads]), sol
+
+
+@pytest.mark.parametrize("beta,steps", [(0.5, 12), (0.8, 6), (1.2, 8), (0.3, 30)])
+def test_gradients_match_unrolled_float64(beta, steps):
+    got, sol = run("reversible", beta, steps, z0=True)
+    want, _ = run("unrolled", beta, steps, z0=True)
+    err = relative_error(got, want)
+    assert err <= 1e-9, f"beta={beta} N={steps}: relative gradient error {err:.3g} > 1e-9"
+    assert sol.steps == steps and sol.nfe_forward == 1 + 2 * steps and sol.nfe_backward == 2 * steps
+    assert sol.reconstruction_error is not None and sol.reconstruction_error < 1e-6
+
+
+@pytest.mark.parametrize("steps", [2, 5, 8])
+def test_gradients_match_unrolled_float32(steps):
+    got, _ = run("reversible", 0.5, steps, dtype=torch.float32)
+    want, _ = run("unrolled", 0.5, steps, dtype=torch.float32)
+    err = relative_error(got, want)
+    assert err <= 1e-4, f"float32 N={steps}: relative gradient error {err:.3g} > 1e-4"
+
+
+def test_gradcheck_tiny():
+    torch.manual_seed(0)
+    f = Block(3).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    z0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, z0):
+        return rk.solve(f, x, z0, beta=0.7, max_steps=4, tol=0, backend="torch").z
+
+    assert torch.autograd.gradcheck(fn, (x, z0), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_checkpoints_bound_the_drift():
+    want, _ = run("unrolled", 0.8, 20)
+    plain, plain_sol = run("reversible", 0.8, 20)
+    checkpointed, ck_sol = run("reversible", 0.8, 20, checkpoint_every=4)
+    err_plain, err_ck = relative_error(plain, want), relative_error(checkpointed, want)
+    assert err_ck <= 1e-9, f"checkpoint_every=4: gradient error {err_ck:.3g} > 1e-9"
+    assert err_plain > 10 * err_ck, (
+        f"without checkpoints the 20-step reconstruction should drift (error {err_plain:.3g}) "
+        f"well beyond the checkpointed one ({err_ck:.3g}); otherwise this test proves nothing")
+    assert ck_sol.reconstruction_error < plain_sol.reconstruction_error
+
+
+def saved_bytes(steps: int, checkpoint_every=None, grad=True) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(0)
+    f = Block(16)
+    x = torch.randn(8, 16, requires_grad=grad)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.set_grad_enabled(grad):
+            rk.solve(f, x, beta=0.5, max_steps=steps, tol=0, backend="torch", checkpoint_every=checkpoint_every)
+    return total
+
+
+def test_saved_memory_is_flat_in_steps():
+    small, large = saved_bytes(4), saved_bytes(64)
+    assert small == large, f"saved-for-backward bytes grow with steps: {small} at 4 steps, {large} at 64"
+    state = 8 * 16 * 4
+    assert small == 3 * state, f"expected x, z_N, y_N ({3 * state} bytes), saved {small}"
+    # Checkpoints cost two states each, every K steps.
+    assert saved_bytes(64, checkpoint_every=16) == small + 3 * 2 * state
+    unrolled_growth = []
+    for steps in (4, 8):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        torch.manual_seed(0)
+        f, x = Block(16), torch.randn(8, 16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rk.solve(f, x, beta=0.5, max_steps=steps, tol=0, adjoint="unrolled", backend="torch")
+        unrolled_growth.append(total)
+    assert unrolled_growth[1] > unrolled_growth[0], "the unrolled baseline should save more with more steps"
+
+
+def test_nothing_saved_without_grad():
+    assert saved_bytes(8, grad=False) == 0
+    torch.manual_seed(0)
+    f = Block(16)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        z_nograd = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch").z
+    z_grad = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch").z
+    assert torch.equal(z_nograd, z_grad.detach())
+    assert not z_nograd.requires_grad
+
+
+def test_early_stopping_reports_steps_and_residuals():
+    torch.manual_seed(0)
+    f = Block(6)
+    with torch.no_grad():
+        f.mix.weight.mul_(0.3)  # contractive: converges in a few steps
+    x = torch.randn(5, 6)
+    deq = rk.ReversibleDEQ(f, beta=0.9, max_steps=50, tol=1e-4, backend="torch")
+    z = deq(x)
+    stats = deq.last_stats
+    assert 1 <= stats.steps < 50, f"expected early stop, ran {stats.steps} steps"
+    assert stats.residual.shape == (5,) and float(stats.residual.max()) <= 1e-4
+    assert len(stats.residual_history) == stats.steps
+    assert stats.residual_history[-1] <= 1e-4 < stats.residual_history[-2]
+    direct = (z - f(z, x)).norm(dim=1) / (1e-5 + f(z, x).norm(dim=1))
+    assert torch.allclose(stats.residual, direct, rtol=1e-4, atol=1e-7), "reported residual is not ||z - f(z)||/||f(z)||"
+    exact = rk.ReversibleDEQ(f, beta=0.9, max_steps=50, tol=0, backend="torch")
+    exact(x)
+    assert exact.last_stats.steps == 50, "tol=0 must run exactly max_steps steps"
+
+
+def test_early_stop_gradients_match_unrolled():
+    """The stop test runs fused with a speculative y-update that is undone on a stop."""
+    for tol, checkpoint_every in ((1e-3, None), (1e-6, 4)):
+        got, sol = run("reversible", 0.6, 40, tol=tol, checkpoint_every=checkpoint_every)
+        want, ref = run("unrolled", 0.6, 40, tol=tol)
+        assert sol.steps == ref.steps < 40, f"tol={tol}: {sol.steps} vs {ref.steps} steps"
+        err = relative_error(got, want)
+        assert err <= 1e-9, f"tol={tol}: early-stopped gradients differ from unrolled by {err:.3g}"
+
+
+def test_dropout_masks_are_replayed():
+    got, _ = run("reversible", 0.5, 8, dropout=0.3)
+    want, _ = run("unrolled", 0.5, 8, dropout=0.3)
+    without_dropout, _ = run("unrolled", 0.5, 8, dropout=0.0)
+    err = relative_error(got, want)
+    assert err <= 1e-9, f"dropout: reversible vs unrolled gradient error {err:.3g}"
+    assert relative_error(want, without_dropout) > 1e-3, "dropout had no effect: the test proves nothing"
+
+
+def test_without_rng_replay_dropout_gradients_are_wrong():
+    torch.manual_seed(0)
+    f = Block(6, dropout=0.3).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    sol = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch", replay_rng=False)
+    sol.z.sum().backward()
+    assert sol.reconstruction_error > 1e-3, "unreplayed dropout should break the reconstruction"
+
+
+def test_batchnorm_running_stats_not_updated_by_recomputation():
+    torch.manual_seed(0)
+    block = Block(6, batchnorm=True)
+    x = torch.randn(8, 6, requires_grad=True)
+    deq = rk.ReversibleDEQ(block, beta=0.5, max_steps=5, tol=0, backend="torch")
+    z = deq(x)
+    after_forward = (block.norm.running_mean.clone(), block.norm.num_batches_tracked.clone())
+    z.sum().backward()
+    assert torch.equal(block.norm.running_mean, after_forward[0]), "backward recomputation moved running_mean"
+    assert torch.equal(block.norm.num_batches_tracked, after_forward[1])
+    assert int(after_forward[1]) == 11, "the forward evaluates f 2N+1 = 11 times"
+
+
+def test_state_dtype_float64_with_float32_f():
+    got, sol = run("reversible", 0.8, 10, dtype=torch.float32, state_dtype=torch.float64)
+    want, _ = run("unrolled", 0.8, 10, dtype=torch.float32, state_dtype=torch.float64)
+    assert sol.z.dtype == torch.float64
+    err = relative_error(got, want)
+    assert err <= 1e-5, f"float64 states / float32 f: gradient error {err:.3g}"
+
+
+def test_autocast_bfloat16_matches_unrolled():
+    grads = {}
+    for adjoint in ("reversible", "unrolled"):
+        torch.manual_seed(0)
+        f = Block(16)
+        x = torch.randn(4, 16, requires_grad=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sol = rk.solve(f, x, beta=0.5, max_steps=4, tol=0, adjoint=adjoint, backend="torch")
+        assert sol.z.dtype == torch.float32
+        sol.z.square().sum().backward()
+        grads[adjoint] = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in f.parameters()])
+    err = relative_error(grads["reversible"], grads["unrolled"])
+    assert err <= 2e-2, f"bf16 autocast: gradient error {err:.3g} (bf16 has 8 significant bits)"
+
+
+def test_plain_function_with_parameters():
+    torch.manual_seed(0)
+    w = (0.3 * torch.randn(5, 5, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(z, x):
+        return torch.tanh(z @ w + x)
+
+    grads = {}
+    for adjoint in ("reversible", "unrolled"):
+        w.grad = x.grad = None
+        rk.solve(f, x, beta=0.7, max_steps=6, tol=0, adjoint=adjoint, parameters=[w],
+                 backend="torch").z.sum().backward()
+        grads[adjoint] = torch.cat([w.grad.flatten(), x.grad.flatten()])
+    assert relative_error(grads["reversible"], grads["unrolled"]) <= 1e-9
+
+
+BACKEND_PAIRS = backend_device_pairs()
+
+
+@pytest.mark.parametrize("pair", BACKEND_PAIRS, ids=[pair_id(p) for p in BACKEND_PAIRS])
+def test_every_backend_gives_the_torch_gradients(pair):
+    backend, device = pair
+    results = {}
+    for name in (backend, "torch"):
+        torch.manual_seed(0)
+        f = Block(8).double().to(device)
+        x = torch.randn(3, 8, dtype=torch.float64, device=device, requires_grad=True)
+        torch.manual_seed(1)
+        sol = rk.solve(f, x, beta=0.8, max_steps=6, tol=1e-8, backend=name)
+        assert sol.stats.backend == name
+        sol.z.square().sum().backward()
+        results[name] = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in f.parameters()])
+    err = relative_error(results[backend], results["torch"])
+    assert err <= 1e-10, f"backend {backend} on {device}: gradients differ from torch by {err:.3g}"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, -0.5, 2.5, float("nan")])
+def test_bad_beta_is_rejected_at_construction(beta):
+    with pytest.raises(ValueError, match="beta must be in \\(0, 2\\) and != 1"):
+        rk.ReversibleDEQ(Block(), beta=beta)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_steps": 0}, "max_steps must be an int >= 1"),
+    ({"tol": -1.0}, "tol must be >= 0"),
+    ({"state_dtype": torch.int32}, "state_dtype must be one of"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be an int >= 1"),
+    ({"adjoint": "implicit"}, "adjoint must be one of"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        rk.ReversibleDEQ(Block(), **kwargs)
+
+
+def test_wrong_output_shape_names_both_shapes():
+    deq = rk.ReversibleDEQ(lambda z, x: z[:, :3], beta=0.5, backend="torch")
+    with pytest.raises(ValueError, match=r"f returned shape \(4, 3\) but the state z has shape \(4, 6\)"):
+        deq(torch.randn(4, 6))
+
+
+def test_wrong_output_dtype():
+    deq = rk.ReversibleDEQ(lambda z, x: z.long(), beta=0.5, backend="torch")
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        deq(torch.randn(4, 6))
+    deq = rk.ReversibleDEQ(lambda z, x: (z, x), beta=0.5, backend="torch")
+    with pytest.raises(TypeError, match="f must return a Tensor, got tuple"):
+        deq(torch.randn(4, 6))
+
+
+def test_z0_mismatch_names_shapes_and_devices():
+    deq = rk.ReversibleDEQ(Block(), beta=0.5, backend="torch")
+    with pytest.raises(ValueError, match=r"z0 has shape \(3, 6\) but x has shape \(4, 6\)"):
+        deq(torch.randn(4, 6), z0=torch.randn(3, 6))
+    with pytest.raises(ValueError, match="z0 is on meta but x is on cpu"):
+        deq(torch.randn(4, 6), z0=torch.empty(4, 6, device="meta"))
+
+
+def test_bad_x():
+    deq = rk.ReversibleDEQ(Block(), beta=0.5, backend="torch")
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        deq(torch.ones(4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch dimension"):
+        deq(torch.tensor(1.0))
+
+
+def test_nonfinite_state_raises_naming_the_step():
+    def explode(z, x):
+        return z * 1e200 + x  # float32 overflow after the first steps
+
+    for tol in (0.0, 1e-3):
+        deq = rk.ReversibleDEQ(explode, beta=0.5, max_steps=10, tol=tol, backend="torch")
+        with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or Inf\) at step \d+ of 10"):
+            deq(torch.ones(2, 3))
+
+
+def test_nonfinite_state_can_warn():
+    deq = rk.ReversibleDEQ(lambda z, x: z * 1e200 + x, beta=0.5, max_steps=4, tol=1e-3,
+                           on_nonfinite="warn", backend="torch")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        deq(torch.ones(2, 3))
+
+
+def test_solve_returns_stats_fields():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    sol = rk.solve(Block(), x, beta=0.5, max_steps=3, tol=0, backend="torch")
+    assert sol.z.shape == x.shape and sol.steps == 3 and sol.nfe_forward == 7
+    assert sol.residual.shape == (2,) and sol.backend == "torch" and sol.reconstruction_error is None
+    with pytest.raises(AttributeError):
+        sol.not_a_field
