@@ -29,6 +29,17 @@ def check_beta(beta: float) -> float:
     return beta
 
 
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_checkpoint_every(checkpoint_every) -> None:
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
+                                         or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+
+
 def check_solver_args(max_steps: int, tol: float | None, state_dtype, on_nonfinite: str):
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
@@ -37,8 +48,7 @@ def check_solver_args(max_steps: int, tol: float | None, state_dtype, on_nonfini
         raise ValueError(f"tol must be >= 0 (0 runs exactly max_steps steps), got {tol}")
     if state_dtype is not None and state_dtype not in STATE_DTYPES:
         raise TypeError(f"state_dtype must be one of {STATE_DTYPES} or None, got {state_dtype}")
-    if on_nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+    check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
     return tol
 
 

@@ -22,7 +22,9 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .convergence import ConvergenceMonitor
-from .problem import Problem, check_beta, check_solver_args, make_problem, trainable_parameters
+from .ops.reference import accumulation_dtype
+from .problem import (Problem, check_beta, check_checkpoint_every, check_choice, check_solver_args,
+                      make_problem, trainable_parameters)
 from .stats import Solution, SolverStats
 from .unrolled import unrolled_solve
 
@@ -110,7 +112,8 @@ class _ReversibleFunction(torch.autograd.Function):
         needs_x = ctx.needs_input_grad[2]
 
         z, y = z_final.clone(), y_final.clone()  # z_N may be referenced downstream: never mutate it
-        gz = grad_z.to(problem.state_dtype).contiguous().clone()
+        # Adjoints accumulate over every step: never narrower than float32 (bf16 states).
+        gz = grad_z.to(accumulation_dtype(problem.state_dtype)).contiguous().clone()
         gy = torch.zeros_like(gz)
         cotangent = torch.mul(gz, b).to(problem.f_out_dtype or problem.f_dtype)
         x_in = x.detach().requires_grad_(needs_x)
@@ -157,7 +160,7 @@ class _ReversibleFunction(torch.autograd.Function):
         stats.nfe_backward = 2 * stats.steps
 
         grad_z0 = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[3]:
             grad_z0 = gz.add_(gy).to(ctx.z0_dtype)  # y_0 = z_0 = z0: both states start from z0
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
@@ -189,11 +192,8 @@ def solve(
     the same iteration (exact, memory grows with steps): the reference the reversible
     adjoint is tested against.
     """
-    if adjoint not in ADJOINTS:
-        raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
-                                         or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+    check_choice("adjoint", adjoint, ADJOINTS)
+    check_checkpoint_every(checkpoint_every)
     problem, start = make_problem(
         f, x, z0, beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype,
         backend=backend, on_nonfinite=on_nonfinite, replay_rng=replay_rng,
@@ -240,13 +240,11 @@ class ReversibleDEQ(nn.Module):
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
-        if adjoint not in ADJOINTS:
-            raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
+        check_choice("adjoint", adjoint, ADJOINTS)
         self.f = f
         self.beta = check_beta(beta)
         self.tol = check_solver_args(max_steps, tol, state_dtype, on_nonfinite)
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+        check_checkpoint_every(checkpoint_every)
         self.max_steps, self.state_dtype, self.checkpoint_every = max_steps, state_dtype, checkpoint_every
         self.backend, self.adjoint, self.on_nonfinite = backend, adjoint, on_nonfinite
         self.replay_rng = replay_rng
