@@ -346,4 +346,4 @@ def test_bfloat16_states_run_and_stay_close():
     want, _ = run("unrolled", 0.5, 2, dtype=torch.float32, state_dtype=torch.bfloat16)
     assert sol.z.dtype == torch.bfloat16 and torch.isfinite(got).all()
     err = relative_error(got, want)
-    assert err <= 5e-2, f"bf16 states, 2 steps: gradient error {err:.3g}"
+    assert err <= 1e-2, f"bf16 states, 2 steps: gradient error {err:.3g} (measured ~1e-3)"
