@@ -1,0 +1,160 @@
+"""Command-line entry points: ``revdeq-train``, ``revdeq-eval``, ``revdeq-generate``
+(also ``python -m revdeq_kernels.lm {train,eval,generate} ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .config import ConfigError, apply_overrides, load_config, parse_value, preset_names, split_override, valid_keys
+from .data import DataUnavailable
+from .tokenizer import TokenizerUnavailable
+
+_ERRORS = (ConfigError, DataUnavailable, TokenizerUnavailable, FileNotFoundError, ValueError)
+
+
+def _fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def _inference_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, text = split_override(item)
+        out[key] = parse_value(key, text)
+    return out
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="revdeq-train",
+        description="Train a RevDEQ transformer language model. Settings: a preset or YAML file, "
+                    "then key=value overrides. Multi-process: torchrun --nproc_per_node=N --no-python revdeq-train ...",
+        epilog=f"presets: {', '.join(preset_names())}. keys: {', '.join(valid_keys())}",
+    )
+    parser.add_argument("--config", default="tiny", help="preset name or path to a YAML file (default: tiny)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        return _fail(error)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    from .train import train
+
+    warnings.filterwarnings("once", category=RuntimeWarning)
+    try:
+        result = train(cfg, resume=args.resume)
+    except _ERRORS as error:
+        return _fail(error)
+    return 1 if result.stopped == "nonfinite" else 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="revdeq-eval",
+        description="Perplexity and DEQ solver statistics of a checkpoint on a data split. "
+                    "key=value overrides may change inference settings (e.g. max_steps=8 tol=1e-4).")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--max-windows", type=int, default=0, help="evaluate this many evenly spaced windows (0: all)")
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    import torch
+
+    from .checkpoint import load_model
+    from .data import prepare_data
+    from .train import evaluate, resolve_device
+
+    try:
+        overrides = _inference_overrides(args.overrides)
+        model, tokenizer, cfg, ckpt = load_model(args.checkpoint, overrides)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg)
+        model.to(device)
+        data = prepare_data(cfg, tokenizer)
+        result = evaluate(model, data[args.split], cfg, device, max_windows=args.max_windows)
+    except _ERRORS as error:
+        return _fail(error)
+    result = {"checkpoint": args.checkpoint, "step": ckpt["step"], "split": args.split,
+              "method": cfg.method, "max_steps": cfg.max_steps, "tol": cfg.tol, **result}
+    print(f"{args.split}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  over {result['tokens']:,} tokens")
+    if model.is_deq:
+        print(f"solver: steps mean {result['solver_steps_mean']:.2f} max {result['solver_steps_max']} "
+              f"(max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
+              f"max {result['residual_max']:.3e}")
+    if args.json:
+        from pathlib import Path
+
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="revdeq-generate",
+        description="Sample text from a checkpoint. The DEQ decodes incrementally through an "
+                    "equilibrium cache unless --no-cache.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time full recomputation and report tokens/s of both paths")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    import torch
+
+    from .checkpoint import load_model
+    from .generate import generate
+    from .train import resolve_device
+
+    try:
+        overrides = _inference_overrides(args.overrides)
+        model, tokenizer, cfg, _ = load_model(args.checkpoint, overrides)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg)
+        model.to(device)
+        ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
+        if not ids:
+            ids = [tokenizer.eot_id]
+        prompt = torch.tensor([ids], device=device)
+        kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        out = generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, **kwargs)
+    except _ERRORS as error:
+        return _fail(error)
+    print(tokenizer.decode(out.ids[0].tolist()))
+    mode = "cached" if out.cached else "full recomputation"
+    print(f"\n[{out.new_tokens} tokens in {out.seconds:.2f}s: {out.tokens_per_s:.1f} tokens/s, {mode}]", file=sys.stderr)
+    if args.compare:
+        other = generate(model, prompt, args.max_new_tokens, use_cache=out.cached is False, **kwargs)
+        cached, full = (out, other) if out.cached else (other, out)
+        same = torch.equal(cached.ids, full.ids)
+        print(f"[cached {cached.tokens_per_s:.1f} tokens/s vs full recomputation {full.tokens_per_s:.1f} "
+              f"tokens/s: {cached.tokens_per_s / full.tokens_per_s:.1f}x; same tokens: {same}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "eval": eval_main, "generate": generate_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m revdeq_kernels.lm {train,eval,generate} [args]", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])

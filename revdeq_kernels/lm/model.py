@@ -1,0 +1,167 @@
+"""The language model: embeddings -> equilibrium of one weight-tied block (or an explicit
+stack of blocks) -> final LayerNorm -> LM head.
+
+``method="reversible"`` / ``"unrolled"``: ``z* = ReversibleDEQ(Block)(x)`` with the exact
+reversible adjoint (memory flat in steps) or autograd through every step.
+``method="explicit"``: ``z = 0; z = Block_l(z, x)`` for l = 1..n_layers, separate weights:
+the same block, with the same input injection and starting state, without tying or
+relaxation, for comparison.
+
+The LM head shares its weight with the token embedding when ``tie_embeddings`` (default).
+Only the public core API is used: ``rk.ReversibleDEQ`` and ``rk.solve``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import revdeq_kernels as rk
+
+from .block import Block, CachedBlock, KVCache
+from .config import LMConfig
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def state_dtype_of(cfg: LMConfig) -> torch.dtype | None:
+    return _DTYPES[cfg.state_dtype] if cfg.state_dtype else None
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        make_block = lambda: Block(cfg.d_model, cfg.n_heads, cfg.mlp_hidden, cfg.dropout)  # noqa: E731
+        if self.is_deq:
+            self.deq = rk.ReversibleDEQ(
+                make_block(), beta=cfg.beta, max_steps=cfg.max_steps, tol=cfg.tol,
+                state_dtype=state_dtype_of(cfg), backend=cfg.backend, adjoint=cfg.method,
+                # a non-finite state gives a non-finite loss, which the training loop
+                # turns into a clean stop on every rank (an exception on one rank would
+                # leave the others waiting in an all-reduce)
+                on_nonfinite="warn",
+            )
+        else:
+            self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.last_stats: rk.SolverStats | None = None
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    @property
+    def is_deq(self) -> bool:
+        return self.cfg.method in ("reversible", "unrolled")
+
+    @property
+    def blocks_list(self) -> list[Block]:
+        return [self.deq.f] if self.is_deq else list(self.blocks)
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02), residual output projections scaled by the depth
+        # (block evaluations on the residual path: 2 per DEQ step, 1 per explicit layer).
+        depth = 2 * self.cfg.max_steps if self.is_deq else self.cfg.n_layers
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- full forward ---------------------------------------------------------------
+    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
+        T = idx.shape[1]
+        if start + T > self.cfg.seq_len:
+            raise ValueError(
+                f"positions {start}..{start + T - 1} exceed seq_len={self.cfg.seq_len} "
+                "(the model has learned position embeddings for seq_len positions)"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """Final states [B, T, D] before the final LayerNorm."""
+        x = self.embed(idx)
+        if self.is_deq:
+            z = self.deq(x).to(x.dtype)
+            self.last_stats = self.deq.last_stats
+            return z
+        z = torch.zeros_like(x)
+        for block in self.blocks:
+            z = block(z, x)
+        return z
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
+        """Logits [B, T, V]; with ``targets`` also the mean cross-entropy."""
+        logits = self.head(self.ln_f(self.hidden(idx)))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    # --- incremental decoding ---------------------------------------------------------
+    def new_cache(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
+        heads, hd = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+        return [KVCache(batch, heads, self.cfg.seq_len, hd, dtype=dtype, device=device)
+                for _ in self.blocks_list]
+
+    @torch.no_grad()
+    def prefill(self, idx: Tensor) -> tuple[Tensor, list[KVCache]]:
+        """Run the prompt once; returns the last position's logits [B, V] and the caches.
+
+        DEQ: the cache holds the keys/values of the prompt's equilibria. Causal attention
+        means an earlier position's equilibrium does not depend on later tokens, so these
+        stay valid as tokens are appended."""
+        x = self.embed(idx)
+        caches = self.new_cache(idx.shape[0], x.dtype, x.device)
+        if self.is_deq:
+            z = self.deq(x).to(x.dtype)
+            self.last_stats = self.deq.last_stats
+            caches[0].append(*self.deq.f.kv(z, x))
+        else:
+            z = torch.zeros_like(x)
+            for block, cache in zip(self.blocks, caches):
+                cache.append(*block.kv(z, x))
+                z = block(z, x)
+        return self.head(self.ln_f(z[:, -1])), caches
+
+    @torch.no_grad()
+    def decode_step(self, token: Tensor, caches: list[KVCache]) -> Tensor:
+        """Append ``token`` [B] at the next position; returns its logits [B, V].
+
+        DEQ: solves only the new position's fixed point, ``z = f(z, x_t)`` on a [B, 1, D]
+        state, with f attending to the cached equilibria of the earlier positions."""
+        pos = caches[0].length
+        x = self.embed(token[:, None], start=pos)
+        if self.is_deq:
+            block = self.deq.f
+            solution = rk.solve(
+                CachedBlock(block, caches[0]), x, beta=self.deq.beta, max_steps=self.deq.max_steps,
+                tol=self.deq.tol, state_dtype=self.deq.state_dtype, backend=self.deq.backend,
+            )
+            self.last_stats = solution.stats
+            z = solution.z.to(x.dtype)
+            caches[0].append(*block.kv(z, x))
+        else:
+            z = torch.zeros_like(x)
+            for block, cache in zip(self.blocks, caches):
+                k, v = block.kv(z, x)
+                z = block(z, x, cache.view())
+                cache.append(k, v)
+        return self.head(self.ln_f(z[:, -1]))
+
+
+def build_model(cfg: LMConfig) -> TransformerLM:
+    return TransformerLM(cfg)
