@@ -41,13 +41,16 @@ def extensions():
               "the pure-Python package only. Use `pip install --no-build-isolation .` to build "
               "the kernels.", file=sys.stderr)
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]
     modules = []
     if not flag("REVDEQ_SKIP_CPP_BUILD"):
+        # relax_cpu_avx2.cpp targets AVX2 by pragma and is picked at run time; no -march flag.
+        # -ffp-contract=off: FMAs only where the kernels ask for one, so tails match bodies.
+        cpu = ["module.cpp", "cpu/relax_cpu.cpp", "cpu/relax_cpu_default.cpp", "cpu/relax_cpu_avx2.cpp"]
         modules.append(cpp_extension.CppExtension(
-            "revdeq_kernels._C", ["csrc/module.cpp", "csrc/cpu/relax_cpu.cpp"],
-            extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"],
-            py_limited_api=False))
+            "revdeq_kernels._C", [f"csrc/{name}" for name in cpu],
+            extra_compile_args={"cxx": cxx + ["-fopenmp", "-ffp-contract=off"]},
+            extra_link_args=["-fopenmp"], py_limited_api=False))
     cuda_home = cpp_extension.CUDA_HOME
     can_cuda = torch.version.cuda is not None and cuda_home is not None and os.path.exists(
         os.path.join(cuda_home, "bin", "nvcc"))
@@ -56,7 +59,7 @@ def extensions():
             f"REVDEQ_FORCE_CUDA_BUILD=1 but cannot build CUDA: torch.version.cuda="
             f"{torch.version.cuda}, CUDA_HOME={cuda_home}")
     if can_cuda and not flag("REVDEQ_SKIP_CUDA_BUILD"):
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         nvcc += cuda_gencode_flags(os.environ.get("REVDEQ_CUDA_ARCHS", "8.0;9.0"))
         modules.append(cpp_extension.CUDAExtension(
             "revdeq_kernels._C_cuda", ["csrc/module_cuda.cpp", "csrc/cuda/relax_cuda.cu"],
