@@ -42,6 +42,13 @@ DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16
 ROUNDING = {torch.float64: 4e-16, torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
 
 
+def rounded(dtype: torch.dtype, value: torch.Tensor) -> torch.Tensor:
+    """Error bound of one rounding of ``value`` into ``dtype``: relative for normal numbers,
+    plus half the subnormal spacing, which is absolute (float16 gradients reach it)."""
+    info = torch.finfo(dtype)
+    return ROUNDING[dtype] * value.abs() + info.smallest_normal * info.eps / 2
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float, what: str) -> None:
     """|actual - expected| <= bound elementwise, with a message saying where and how much."""
     actual64, expected64 = actual.double(), expected.double()

@@ -70,6 +70,12 @@ C10_ALWAYS_INLINE void load_block(const src_t* p, Vectorized<acc_t>& lo, Vectori
     hi = Vec::loadu(p + W);
   } else if constexpr (std::is_same_v<acc_t, float> && is_reduced_v<src_t>) {
     at::vec::load_to_float<src_t>(p, lo, hi);
+#ifdef CPU_CAPABILITY_AVX2
+  } else if constexpr (std::is_same_v<acc_t, double> && std::is_same_v<src_t, float>) {
+    // float64 states with float32 f: the hot mix of the original's language model.
+    lo = Vec(_mm256_cvtps_pd(_mm_loadu_ps(p)));
+    hi = Vec(_mm256_cvtps_pd(_mm_loadu_ps(p + W)));
+#endif
   } else {  // float <-> double, bf16/fp16 -> double
     __at_align__ acc_t buf[2 * W];
     for (int64_t k = 0; k < 2 * W; ++k) {
@@ -90,6 +96,11 @@ C10_ALWAYS_INLINE void store_block(dst_t* p, const Vectorized<acc_t>& lo,
     hi.store(p + W);
   } else if constexpr (std::is_same_v<acc_t, float> && is_reduced_v<dst_t>) {
     at::vec::convert_from_float<dst_t>(lo, hi).store(p);
+#ifdef CPU_CAPABILITY_AVX2
+  } else if constexpr (std::is_same_v<acc_t, double> && std::is_same_v<dst_t, float>) {
+    _mm_storeu_ps(p, _mm256_cvtpd_ps(lo));  // rounds to nearest even, like static_cast
+    _mm_storeu_ps(p + W, _mm256_cvtpd_ps(hi));
+#endif
   } else {  // same rounding as Tensor.copy_: double -> bf16/fp16 goes through float
     __at_align__ acc_t buf[2 * W];
     lo.store(buf);
