@@ -1,0 +1,430 @@
+// CUDA kernels of the five revdeq_native ops (the math: revdeq_kernels/ops/reference.py).
+// module_cuda.cpp checks the arguments, sets the device guard and registers the ops.
+//
+// Design
+// - Arithmetic in acc_t: double for a double state, else float. Every element goes through
+//   explicit round-to-nearest intrinsics (__fmul_rn, __fmaf_rn, __fdiv_rn, ...), which nvcc
+//   never contracts into other FMAs nor replaces by approximate division, whatever
+//   --use_fast_math or --fmad say. So an element's bits depend on this source only: the
+//   vector and the scalar path agree, relax_residual_ writes the bits relax_ writes, and
+//   unrelax_ divides exactly as the reference does. (Flushing of subnormals does follow -ftz.)
+// - Memory: a thread moves whole vectors of kVec elements, 16 bytes of the narrowest tensor
+//   (wider tensors take 2 or 4 16-byte accesses), when every pointer is 16-byte aligned;
+//   the last < kVec elements, or all of them when a pointer is misaligned (a view at an odd
+//   offset), take the scalar path. Grid-stride loops, at most one wave of resident blocks;
+//   int64 indices throughout.
+// - Per-sample sums: a row is one task, or kChunk-element tasks when it is longer. A team
+//   of threads reduces a task: a power of two from 1 to the whole 256-thread block, sized
+//   to the task's vector count, so a warp takes several short rows at once and a long row
+//   gets whole blocks. A thread squares in acc_t, adds one vector's terms in acc_t and folds
+//   that into double; the team adds with warp shuffles, then across its warps in shared
+//   memory. Tasks of a split row write double partials that a second kernel adds in chunk
+//   order. No atomics: the sums depend on the shapes, dtypes and pointer alignment only,
+//   never on the grid or the GPU, and repeat bit for bit.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "relax_cuda.cuh"
+
+namespace revdeq::cuda {
+namespace {
+
+template <typename state_t>
+using acc_t_of = std::conditional_t<std::is_same_v<state_t, double>, double, float>;
+
+constexpr int kThreads = 256;  // every kernel's block size (team_sum relies on it)
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int64_t kChunk = 16384;  // elements per partial sum of a long row
+
+// Elements per vector: 16 bytes of the narrowest of the tensors Ts.
+template <typename... Ts>
+constexpr int kVec = static_cast<int>(16 / std::min({sizeof(Ts)...}));
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+// N elements moved as 16-byte accesses; N * sizeof(T) is 16, 32 or 64 bytes.
+template <typename T, int N>
+struct alignas(16) Pack {
+  static_assert(N * sizeof(T) % 16 == 0, "a pack is a whole number of 16-byte accesses");
+  T v[N];
+};
+
+template <int N, typename acc_t, typename T>
+__device__ __forceinline__ void load_vec(const T* p, acc_t (&out)[N]) {
+  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    out[k] = static_cast<acc_t>(pack.v[k]);
+  }
+}
+
+// Rounds to nearest even, as Tensor.copy_ does (double -> bf16/fp16 through float).
+template <int N, typename T, typename acc_t>
+__device__ __forceinline__ void store_vec(T* p, const acc_t (&in)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    pack.v[k] = static_cast<T>(in[k]);
+  }
+  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+}
+
+// s <- (1-b) s + b f (one FMA over the rounded b f, as the CPU's AVX2 kernels), or the
+// inverse s <- (s - b f) / (1-b) with a correctly rounded division.
+template <bool kInverse, typename acc_t>
+__device__ __forceinline__ acc_t relax_one(acc_t s, acc_t f, acc_t one_minus_b, acc_t b) {
+  if constexpr (kInverse) {
+    return div_rn(sub_rn(s, mul_rn(f, b)), one_minus_b);
+  } else {
+    return fma_rn(s, one_minus_b, mul_rn(f, b));
+  }
+}
+
+// Reads s, f; writes s: 3 streams, like a.add_(f). Each element is read and then written
+// by one thread, so f may be s itself.
+template <bool kInverse, typename state_t, typename f_t, typename acc_t = acc_t_of<state_t>>
+__global__ void __launch_bounds__(kThreads)
+    relax_kernel(state_t* s, const f_t* f, int64_t n, bool vectorized, acc_t one_minus_b, acc_t b) {
+  constexpr int V = kVec<state_t, f_t>;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t vectors = vectorized ? n / V : 0;
+  for (int64_t k = first; k < vectors; k += stride) {
+    acc_t sv[V], fv[V];
+    load_vec(s + k * V, sv);
+    load_vec(f + k * V, fv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      sv[j] = relax_one<kInverse>(sv[j], fv[j], one_minus_b, b);
+    }
+    store_vec(s + k * V, sv);
+  }
+  for (int64_t i = vectors * V + first; i < n; i += stride) {
+    s[i] = static_cast<state_t>(relax_one<kInverse>(static_cast<acc_t>(s[i]),
+                                                    static_cast<acc_t>(f[i]), one_minus_b, b));
+  }
+}
+
+// Adds a and b over a team of `team` threads (a power of two <= kThreads; teams are the
+// consecutive aligned groups of threadIdx.x) in a fixed order; the sums land in the team's
+// first thread. Every thread of the block calls it, equally often: it syncs the block.
+__device__ __forceinline__ void team_sum(double& a, double& b, int team,
+                                         double (&shared)[2][kWarps]) {
+  // The butterfly leaves the same bits in every lane: x + y == y + x in IEEE arithmetic.
+  for (int offset = (team < kWarpSize ? team : kWarpSize) / 2; offset > 0; offset /= 2) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_xor_sync(0xffffffffu, b, offset);
+  }
+  if (team > kWarpSize) {
+    const int warp = threadIdx.x / kWarpSize;
+    if (threadIdx.x % kWarpSize == 0) {
+      shared[0][warp] = a;
+      shared[1][warp] = b;
+    }
+    __syncthreads();
+    if (threadIdx.x % team == 0) {  // lane 0 of the team's first warp: a, b are that warp's
+      for (int w = 1; w < team / kWarpSize; ++w) {
+        a += shared[0][warp + w];
+        b += shared[1][warp + w];
+      }
+    }
+    __syncthreads();  // shared is rewritten by the next call
+  }
+}
+
+// Reads z, f (and y); writes y when kUpdate: 2 streams (4 with the update), f read once.
+// Task t covers elements [begin, end) of row t / chunks; with chunks == 1 its sums go
+// straight to out_*[row], else to partial[2t], partial[2t + 1].
+template <bool kUpdate, typename state_t, typename f_t, typename acc_t = acc_t_of<state_t>>
+__global__ void __launch_bounds__(kThreads)
+    residual_kernel(state_t* y, const state_t* z, const f_t* f, int64_t rows, int64_t cols,
+                    int64_t chunks, int team, bool vectorized, acc_t one_minus_b, acc_t b,
+                    acc_t* out_res, acc_t* out_f, double* partial) {
+  constexpr int V = kVec<state_t, f_t>;
+  __shared__ double shared[2][kWarps];
+  const int lane = threadIdx.x % team;
+  const int teams_per_block = kThreads / team;
+  const int64_t tasks = rows * chunks;
+  const int64_t task_len = chunks == 1 ? cols : kChunk;
+
+  // A scalar element: z and f are read before y is written (y may be z or f itself).
+  auto add_element = [&](int64_t i, double& res, double& sq_f) {
+    const acc_t fi = static_cast<acc_t>(f[i]);
+    const acc_t d = sub_rn(static_cast<acc_t>(z[i]), fi);
+    if constexpr (kUpdate) {
+      y[i] = static_cast<state_t>(relax_one<false>(static_cast<acc_t>(y[i]), fi, one_minus_b, b));
+    }
+    res += mul_rn(d, d);
+    sq_f += mul_rn(fi, fi);
+  };
+
+  // Block-uniform loop (every thread runs it equally often, as team_sum requires).
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * teams_per_block; base < tasks;
+       base += static_cast<int64_t>(gridDim.x) * teams_per_block) {
+    const int64_t task = base + threadIdx.x / team;
+    double res = 0.0, sq_f = 0.0;
+    if (task < tasks) {
+      const int64_t row = task / chunks;
+      const int64_t begin = row * cols + (task - row * chunks) * task_len;
+      const int64_t end = min64(begin + task_len, (row + 1) * cols);
+      // [begin, head): scalar up to the first vector boundary; [head, body): whole
+      // vectors; [body, end): scalar tail. Misaligned pointers: all scalar.
+      const int64_t head = vectorized ? min64(end, (begin + V - 1) / V * V) : end;
+      const int64_t body = head + (end - head) / V * V;
+      for (int64_t i = begin + lane; i < head; i += team) {
+        add_element(i, res, sq_f);
+      }
+      for (int64_t k = head / V + lane; k < body / V; k += team) {
+        acc_t zv[V], fv[V];
+        load_vec(z + k * V, zv);
+        load_vec(f + k * V, fv);
+        if constexpr (kUpdate) {
+          acc_t yv[V];
+          load_vec(y + k * V, yv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            yv[j] = relax_one<false>(yv[j], fv[j], one_minus_b, b);
+          }
+          store_vec(y + k * V, yv);
+        }
+        acc_t part_res = 0, part_f = 0;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const acc_t d = sub_rn(zv[j], fv[j]);
+          part_res = fma_rn(d, d, part_res);
+          part_f = fma_rn(fv[j], fv[j], part_f);
+        }
+        res += part_res;
+        sq_f += part_f;
+      }
+      for (int64_t i = body + lane; i < end; i += team) {
+        add_element(i, res, sq_f);
+      }
+    }
+    team_sum(res, sq_f, team, shared);
+    if (task < tasks && lane == 0) {
+      if (partial == nullptr) {
+        out_res[task] = static_cast<acc_t>(res);
+        out_f[task] = static_cast<acc_t>(sq_f);
+      } else {
+        partial[2 * task] = res;
+        partial[2 * task + 1] = sq_f;
+      }
+    }
+  }
+}
+
+// Second pass for split rows: out_*[row] = the row's chunk partials, in a fixed order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    finish_sums_kernel(const double* partial, int64_t rows, int64_t chunks, acc_t* out_res,
+                       acc_t* out_f) {
+  __shared__ double shared[2][kWarps];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // block-uniform
+    double res = 0.0, sq_f = 0.0;
+    for (int64_t c = row * chunks + threadIdx.x; c < (row + 1) * chunks; c += kThreads) {
+      res += partial[2 * c];
+      sq_f += partial[2 * c + 1];
+    }
+    team_sum(res, sq_f, kThreads, shared);
+    if (threadIdx.x == 0) {
+      out_res[row] = static_cast<acc_t>(res);
+      out_f[row] = static_cast<acc_t>(sq_f);
+    }
+  }
+}
+
+// Reads grad, vjp; writes grad, cotangent: 1 pass, 4 tensor-sized memory streams.
+// The eager composites are 3 passes and 7 streams each (plus an allocation for cot):
+//   y half-step (scale_after):  gy += v (3 streams); cot = b * gy (2); gy *= 1-b (2)
+//   z half-step:                gz *= 1-b (2);       gz += v (3);      cot = b * gz (2)
+// Both half-steps are t = fma(g, scale_g, v); g <- scale_t t; c <- b t, with
+// (scale_g, scale_t) = (1-b, 1) for the z half-step and (1, 1-b) for the y half-step:
+// fma(g, 1, v) rounds g + v once and t * 1 is t, so each gets exactly its own formula's
+// roundings, from one kernel per dtype triple instead of two.
+template <typename grad_t, typename vjp_t, typename cot_t, typename acc_t = acc_t_of<grad_t>>
+__global__ void __launch_bounds__(kThreads)
+    adjoint_kernel(grad_t* g, const vjp_t* v, cot_t* c, int64_t n, bool vectorized,
+                   acc_t scale_g, acc_t scale_t, acc_t b) {
+  constexpr int V = kVec<grad_t, vjp_t, cot_t>;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t vectors = vectorized ? n / V : 0;
+  for (int64_t k = first; k < vectors; k += stride) {
+    acc_t gv[V], vv[V], cv[V];
+    load_vec(g + k * V, gv);
+    load_vec(v + k * V, vv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t t = fma_rn(gv[j], scale_g, vv[j]);
+      gv[j] = mul_rn(t, scale_t);
+      cv[j] = mul_rn(t, b);
+    }
+    store_vec(g + k * V, gv);
+    store_vec(c + k * V, cv);
+  }
+  for (int64_t i = vectors * V + first; i < n; i += stride) {
+    const acc_t t = fma_rn(static_cast<acc_t>(g[i]), scale_g, static_cast<acc_t>(v[i]));
+    g[i] = static_cast<grad_t>(mul_rn(t, scale_t));
+    c[i] = static_cast<cot_t>(mul_rn(t, b));
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// The grid for `blocks` blocks' worth of work: at most one wave of resident blocks (the
+// kernels loop over the rest).
+int grid_for(int64_t blocks, const Launch& launch) {
+  const int64_t wave = std::max(1, launch.resident_threads / kThreads);
+  return static_cast<int>(std::clamp<int64_t>(blocks, 1, wave));
+}
+
+// The smallest power of two >= the task's vector count, at most a block.
+int team_size(int64_t vectors) {
+  int team = 1;
+  while (team < vectors && team < kThreads) {
+    team *= 2;
+  }
+  return team;
+}
+
+#define REVDEQ_DISPATCH_STATE(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+#define REVDEQ_DISPATCH_F(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace
+
+void relax(const at::Tensor& state, const at::Tensor& f_out, double beta, bool inverse,
+           const Launch& launch) {
+  const int64_t n = state.numel();
+  if (n == 0) return;
+  REVDEQ_DISPATCH_STATE(state.scalar_type(), "revdeq_relax_cuda", [&] {
+    using state_t = scalar_t;
+    using acc_t = acc_t_of<state_t>;
+    REVDEQ_DISPATCH_F(f_out.scalar_type(), "revdeq_relax_cuda", [&] {
+      using f_t = scalar_t;
+      constexpr int V = kVec<state_t, f_t>;
+      state_t* s = state.mutable_data_ptr<state_t>();
+      const f_t* f = f_out.const_data_ptr<f_t>();
+      const bool vectorized = aligned16(s) && aligned16(f);
+      const int grid = grid_for(ceil_div(vectorized ? ceil_div(n, V) : n, kThreads), launch);
+      const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
+      const auto b = static_cast<acc_t>(beta);
+      if (inverse) {
+        relax_kernel<true, state_t, f_t>
+            <<<grid, kThreads, 0, launch.stream>>>(s, f, n, vectorized, one_minus_b, b);
+      } else {
+        relax_kernel<false, state_t, f_t>
+            <<<grid, kThreads, 0, launch.stream>>>(s, f, n, vectorized, one_minus_b, b);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void residual(const at::Tensor& y, const at::Tensor& z, const at::Tensor& f_out, double beta,
+              const at::Tensor& sq_res, const at::Tensor& sq_f, const Launch& launch) {
+  const int64_t rows = z.size(0);
+  if (rows == 0) return;
+  const int64_t cols = z.numel() / rows;  // may be 0: every task is empty and writes 0
+  const int64_t chunks = cols > kChunk ? ceil_div(cols, kChunk) : 1;
+  const int64_t task_len = chunks == 1 ? cols : kChunk;
+  const int64_t tasks = rows * chunks;
+  // Freed at return while the kernels may still run: the caching allocator hands the block
+  // out again only in stream order, so nothing touches it before they finish.
+  const at::Tensor partial =
+      chunks > 1 ? at::empty({2 * tasks}, z.options().dtype(at::kDouble)) : at::Tensor();
+  double* partial_ptr = chunks > 1 ? partial.mutable_data_ptr<double>() : nullptr;
+  REVDEQ_DISPATCH_STATE(z.scalar_type(), "revdeq_residual_cuda", [&] {
+    using state_t = scalar_t;
+    using acc_t = acc_t_of<state_t>;
+    REVDEQ_DISPATCH_F(f_out.scalar_type(), "revdeq_residual_cuda", [&] {
+      using f_t = scalar_t;
+      constexpr int V = kVec<state_t, f_t>;
+      state_t* yp = y.defined() ? y.mutable_data_ptr<state_t>() : nullptr;
+      const state_t* zp = z.const_data_ptr<state_t>();
+      const f_t* fp = f_out.const_data_ptr<f_t>();
+      acc_t* res = sq_res.mutable_data_ptr<acc_t>();
+      acc_t* sqf = sq_f.mutable_data_ptr<acc_t>();
+      const bool vectorized = aligned16(zp) && aligned16(fp) && aligned16(yp);
+      const int team = team_size(ceil_div(task_len, V));
+      const int grid = grid_for(ceil_div(tasks, kThreads / team), launch);
+      const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
+      const auto b = static_cast<acc_t>(beta);
+      if (y.defined()) {
+        residual_kernel<true, state_t, f_t><<<grid, kThreads, 0, launch.stream>>>(
+            yp, zp, fp, rows, cols, chunks, team, vectorized, one_minus_b, b, res, sqf,
+            partial_ptr);
+      } else {
+        residual_kernel<false, state_t, f_t><<<grid, kThreads, 0, launch.stream>>>(
+            nullptr, zp, fp, rows, cols, chunks, team, vectorized, one_minus_b, b, res, sqf,
+            partial_ptr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (chunks > 1) {
+    AT_DISPATCH_FLOATING_TYPES(sq_res.scalar_type(), "revdeq_residual_cuda_finish", [&] {
+      finish_sums_kernel<scalar_t><<<grid_for(rows, launch), kThreads, 0, launch.stream>>>(
+          partial_ptr, rows, chunks, sq_res.mutable_data_ptr<scalar_t>(),
+          sq_f.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+// grad x vjp x cotangent dtypes: 3 x 4 x 4 = 48 kernels. The cotangent's dtype is f's
+// output dtype and vjp's is f's input dtype, which differ under autocast, so all pairs occur.
+void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& cotangent,
+             double beta, bool scale_after, const Launch& launch) {
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  REVDEQ_DISPATCH_STATE(grad.scalar_type(), "revdeq_adjoint_cuda", [&] {
+    using grad_t = scalar_t;
+    using acc_t = acc_t_of<grad_t>;
+    REVDEQ_DISPATCH_F(vjp.scalar_type(), "revdeq_adjoint_cuda", [&] {
+      using vjp_t = scalar_t;
+      REVDEQ_DISPATCH_F(cotangent.scalar_type(), "revdeq_adjoint_cuda", [&] {
+        using cot_t = scalar_t;
+        constexpr int V = kVec<grad_t, vjp_t, cot_t>;
+        grad_t* g = grad.mutable_data_ptr<grad_t>();
+        const vjp_t* v = vjp.const_data_ptr<vjp_t>();
+        cot_t* c = cotangent.mutable_data_ptr<cot_t>();
+        const bool vectorized = aligned16(g) && aligned16(v) && aligned16(c);
+        const int grid = grid_for(ceil_div(vectorized ? ceil_div(n, V) : n, kThreads), launch);
+        const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
+        const auto one = static_cast<acc_t>(1);
+        adjoint_kernel<grad_t, vjp_t, cot_t><<<grid, kThreads, 0, launch.stream>>>(
+            g, v, c, n, vectorized, scale_after ? one : one_minus_b,
+            scale_after ? one_minus_b : one, static_cast<acc_t>(beta));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+#undef REVDEQ_DISPATCH_STATE
+#undef REVDEQ_DISPATCH_F
+
+}  // namespace revdeq::cuda
