@@ -59,7 +59,9 @@ def extensions():
             f"REVDEQ_FORCE_CUDA_BUILD=1 but cannot build CUDA: torch.version.cuda="
             f"{torch.version.cuda}, CUDA_HOME={cuda_home}")
     if can_cuda and not flag("REVDEQ_SKIP_CUDA_BUILD"):
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: it flushes float32 subnormals, and unrelax_ must invert relax_ there
+        # too; the kernels are bandwidth-bound, so fast math buys nothing.
+        nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         nvcc += cuda_gencode_flags(os.environ.get("REVDEQ_CUDA_ARCHS", "8.0;9.0"))
         modules.append(cpp_extension.CUDAExtension(
             "revdeq_kernels._C_cuda", ["csrc/module_cuda.cpp", "csrc/cuda/relax_cuda.cu"],

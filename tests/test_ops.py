@@ -223,3 +223,44 @@ def test_compile_fullgraph(pair):
     got = compiled(y, z, f)
     assert_close(got, expected, 1e-6, f"compiled residual [{backend}]")
     assert_close(y, y_eager, 1e-6, f"compiled in-place update [{backend}]")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float32, torch.float16),
+                                    (torch.float32, torch.float16, torch.bfloat16)],
+                         ids=lambda d: "grad_{}-vjp_{}-cot_{}".format(*(DTYPE_NAMES[t] for t in d)))
+def test_adjoint_cotangent_dtype_differs_from_vjp(pair, dtypes):
+    """Under autocast the cotangent f receives and the vjp it returns differ in dtype."""
+    backend, device = pair
+    grad_dtype, vjp_dtype, cot_dtype = dtypes
+    beta = 0.6
+    grad, vjp = make((3, 1001), grad_dtype, device, 21), make((3, 1001), vjp_dtype, device, 22)
+    cot = torch.full((3, 1001), float("nan"), dtype=cot_dtype, device=device)
+    g, v = grad.double(), vjp.double()
+    exp_grad, exp_cot = (1 - beta) * (g + v), beta * (g + v)
+    ops.adjoint_accumulate_(grad, vjp, cot, beta, True, backend=backend)
+    eps = acc_rounding(grad_dtype)
+    terms = g.abs() + v.abs()
+    assert_close(grad, exp_grad, 4 * eps * terms + rounded(grad_dtype, exp_grad), f"adjoint grad [{backend}]")
+    assert_close(cot, exp_cot, 4 * eps * beta * terms + rounded(cot_dtype, exp_cot), f"adjoint cotangent [{backend}]")
+
+
+@pytest.mark.parametrize("mix", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                 (torch.float64, torch.float32)], ids=mix_id)
+def test_misaligned_views(pair, mix):
+    """Contiguous views at an odd element offset: vector kernels must take their unaligned
+    path for the written tensor and the inputs alike."""
+    backend, device = pair
+    state_dtype, f_dtype = mix
+    state_buf, f_buf = make((4 * 333 + 1,), state_dtype, device, 23), make((4 * 333 + 3,), f_dtype, device, 24)
+    state, f = state_buf[1:].view(4, 333), f_buf[3:].view(4, 333)
+    untouched = state_buf[0].clone()
+    expected = state.double() * 0.5 + f.double() * 0.5
+    ops.relax_(state, f, 0.5, backend=backend)
+    bound = 4 * acc_rounding(state_dtype) * (0.5 * state.double().abs() + 0.5 * f.double().abs())
+    assert_close(state, expected, bound + rounded(state_dtype, expected), f"relax_ on an offset view [{backend}]")
+    assert torch.equal(state_buf[0], untouched), "relax_ wrote before the start of an offset view"
+    y, z = make((4 * 333 + 1,), state_dtype, device, 25)[1:].view(4, 333), make((4, 333), state_dtype, device, 26)
+    sq_res, sq_f = ops.relax_residual_(y, z, f, 0.5, backend=backend)
+    exp_f = f.double().square().sum(1)
+    assert_close(sq_f, exp_f, sums_bound(exp_f, 333, state_dtype), f"sum f^2 on offset views [{backend}]")
