@@ -1,0 +1,314 @@
+"""Triton-specific checks that tests/test_ops.py (parity of every op on every backend) does
+not make: autotuning applies an in-place update exactly once, long rows are split over
+many programs and summed in a fixed order, 16-bit stores round to nearest even bit for
+bit, and the GPU build of every kernel compiles (for sm_90, no GPU needed) with correctly
+rounded division. Runs under the interpreter on CPU, on the GPU when there is one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
+
+import triton  # noqa: E402
+
+from revdeq_kernels import ops  # noqa: E402
+from revdeq_kernels.ops import reference, triton_kernels as tk  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+DEVICE = "cpu" if tk.INTERPRETED else "cuda"
+BETA = 0.5
+
+# Several configs, so the tuner really benchmarks; tiny blocks keep the interpreter fast.
+if tk.INTERPRETED:
+    ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=1) for b in (64, 128, 256)]
+    ROW_CONFIGS = [triton.Config({"TILE": t}, num_warps=1) for t in (32, 64)]
+else:
+    ELEMENTWISE_CONFIGS, ROW_CONFIGS = tk.GPU_ELEMENTWISE_CONFIGS, tk.GPU_ROW_CONFIGS
+
+
+def make(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+
+def _relax(kernels, t):
+    tk.launch_relax(t["state"], t["f"], BETA, False, kernels)
+
+
+def _unrelax(kernels, t):
+    tk.launch_relax(t["state"], t["f"], BETA, True, kernels)
+
+
+def _relax_residual(kernels, t):
+    t["sums"] = tk.launch_row_sums(t["state"], t["z"], t["f"], BETA, kernels)
+
+
+def _relax_residual_reference(t):
+    t["sums"] = reference.relax_residual_(t["state"], t["z"], t["f"], BETA)
+
+
+def _adjoint(kernels, t):
+    tk.launch_adjoint(t["state"], t["f"], t["cotangent"], BETA, True, kernels)
+
+
+UPDATES = {  # op -> (launch through a given kernel set, the reference, its tuned kernel)
+    "relax_": (_relax, lambda t: reference.relax_(t["state"], t["f"], BETA), "relax"),
+    "unrelax_": (_unrelax, lambda t: reference.unrelax_(t["state"], t["f"], BETA), "relax"),
+    "relax_residual_": (_relax_residual, _relax_residual_reference, "row_sums"),
+    "adjoint_accumulate_": (
+        _adjoint, lambda t: reference.adjoint_accumulate_(t["state"], t["f"], t["cotangent"], BETA, True),
+        "adjoint"),
+}
+
+
+def _tensors():
+    shape = (3, 1000)
+    return {"state": make(shape, seed=1), "f": make(shape, seed=2), "z": make(shape, seed=3),
+            "cotangent": torch.zeros(shape, device=DEVICE)}
+
+
+def _clone(tensors):
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def _tuned_kernels(restore_written=True):
+    # A fresh kernel set: its tuners have no cached choice, so the first call benchmarks.
+    return tk.build_kernels(ELEMENTWISE_CONFIGS, ROW_CONFIGS, row_chunk=256, partials_block=4,
+                            restore_written=restore_written)
+
+
+@pytest.mark.parametrize("name", list(UPDATES))
+def test_autotuning_applies_an_in_place_update_once(name):
+    launch, apply_reference, tuner_name = UPDATES[name]
+    inputs = _tensors()
+    expected = _clone(inputs)
+    apply_reference(expected)
+
+    kernels = _tuned_kernels()
+    got = _clone(inputs)
+    launch(kernels, got)
+    tuner = getattr(kernels, tuner_name)
+    assert len(tuner.configs_timings) == len(tuner.configs) > 1, (
+        f"{name}: the tuner benchmarked {len(tuner.configs_timings)} of {len(tuner.configs)} configs")
+    for key in ("state", "cotangent"):
+        assert_close(got[key], expected[key], 1e-6 * (1 + expected[key].abs()),
+                     f"{name} [{key}] after autotuning with {len(tuner.configs)} configs")
+    for got_sum, expected_sum in zip(got.get("sums", ()), expected.get("sums", ())):
+        assert_close(got_sum, expected_sum, 1e-5 * expected_sum, f"{name} sums after autotuning")
+    # Later calls use the cached choice: still exactly one application per call.
+    launch(kernels, got)
+    apply_reference(expected)
+    assert_close(got["state"], expected["state"], 1e-5 * (1 + expected["state"].abs()),
+                 f"{name}, second call")
+
+
+@pytest.mark.parametrize("name", ["relax_", "adjoint_accumulate_"])
+def test_autotuning_without_restoring_would_repeat_the_update(name):
+    """The control for the test above: with the snapshot/restore off, tuning visibly
+    applies the update many times, so the test above can fail."""
+    launch, apply_reference, _ = UPDATES[name]
+    inputs = _tensors()
+    expected = _clone(inputs)
+    apply_reference(expected)
+    got = _clone(inputs)
+    launch(_tuned_kernels(restore_written=False), got)
+    gap = float((got["state"] - expected["state"]).abs().max())
+    assert gap > 1e-2, f"{name}: tuning without restore_value changed nothing extra (max gap {gap:.3g})"
+
+
+def test_sizes_in_one_power_of_two_bucket_share_one_tuning():
+    kernels = _tuned_kernels()
+    for n in (1000, 700, 513):  # all in (512, 1024]
+        state, f = make((n,), seed=n), make((n,), seed=n + 1)
+        expected = state.clone()
+        reference.relax_(expected, f, BETA)
+        tk.launch_relax(state, f, BETA, False, kernels)
+        assert_close(state, expected, 1e-6 * (1 + expected.abs()), f"relax_ of {n} elements")
+    assert len(kernels.relax.cache) == 1, f"tuned {len(kernels.relax.cache)} times for one size bucket"
+    tk.launch_relax(make((1025,)), make((1025,), seed=1), BETA, False, kernels)
+    assert len(kernels.relax.cache) == 2, "a size in the next bucket did not get its own tuning"
+
+
+ROW_SPLITS = {  # id -> (kernel set, shape)
+    "long-rows-many-chunks": (  # 4 chunks a row, added in 2 steps by the second stage
+        lambda: tk.build_kernels(ELEMENTWISE_CONFIGS[:1], ROW_CONFIGS[-1:], row_chunk=256, partials_block=2),
+        (3, 1000)),
+    "short-rows-shared-tile-and-chunks": (
+        lambda: tk.build_kernels(ELEMENTWISE_CONFIGS[:1], [triton.Config({"TILE": 256}, num_warps=1)],
+                                 row_chunk=64, partials_block=2), (5, 100)),  # 2 rows a tile, 2 chunks
+    "default-one-long-row": (lambda: tk.DEFAULT_KERNELS, (1, 3 * tk.DEFAULT_KERNELS.row_chunk + 5)),
+}
+
+
+@pytest.mark.parametrize("split", list(ROW_SPLITS))
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_row_sums_split_over_programs(split, state_dtype):
+    build, shape = ROW_SPLITS[split]
+    kernels = build()
+    z, f = make(shape, state_dtype, 4), make(shape, torch.bfloat16, 5)
+    y = make(shape, state_dtype, 6)
+    chunks = triton.cdiv(shape[1], kernels.row_chunk)
+    assert split.startswith("default") or chunks > 1, f"{split}: the row is not split ({chunks} chunk)"
+
+    y_new = y.clone()
+    sq_res, sq_f = tk.launch_row_sums(y_new, z, f, BETA, kernels)
+    diff = z.double() - f.double()
+    exp_res, exp_f = diff.square().sum(1), f.double().square().sum(1)
+    eps = 1e-15 if state_dtype == torch.float64 else 1e-6
+    assert sq_res.dtype == reference.accumulation_dtype(state_dtype) and sq_res.shape == (shape[0],)
+    assert_close(sq_res, exp_res, eps * exp_res, f"{split}: sum (z-f)^2 over {chunks} chunks")
+    assert_close(sq_f, exp_f, eps * exp_f, f"{split}: sum f^2 over {chunks} chunks")
+    expected_y = y.clone()
+    reference.relax_(expected_y, f, BETA)
+    assert torch.equal(y_new, expected_y), f"{split}: the fused y-update differs from the reference"
+
+    again = tk.launch_row_sums(None, z, f, 0.0, kernels)
+    assert torch.equal(again[0], sq_res) and torch.equal(again[1], sq_f), (
+        f"{split}: the two-stage sums are not reproducible bit for bit")
+
+
+def _float32_rounding_cases() -> torch.Tensor:
+    """float32 values at and around every bfloat16 rounding boundary, and the specials."""
+    g = torch.Generator().manual_seed(7)
+    upper = torch.randint(0, 1 << 16, (512,), generator=g, dtype=torch.int64) << 16
+    low_bits = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF])  # 0x8000: a tie
+    bits = (upper[:, None] | low_bits[None, :]).flatten()
+    special = torch.tensor([0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00000001, 0x00008000, 0x00018000,
+                            0x807F8000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x3F808000, 0x3F818000])
+    bits = torch.cat([bits, special]).to(torch.int32)  # wraps to the same 32 bits
+    values = bits.view(torch.float32)
+    return values[values != 0]  # 0 * state + (-0.0) is +0.0 in any backend; not a rounding case
+
+
+def test_bfloat16_stores_round_to_nearest_even():
+    """Triton's interpreter truncates float32 -> bfloat16; the kernels round by hand."""
+    f = _float32_rounding_cases().to(DEVICE)
+    state = torch.ones_like(f, dtype=torch.bfloat16)
+    ops.relax_(state, f, 1.0, backend="triton")  # state <- 0 * state + f, rounded into bf16
+    expected = f.to(torch.bfloat16)
+    both_nan = state.isnan() & expected.isnan()
+    mismatch = (state.view(torch.int16) != expected.view(torch.int16)) & ~both_nan
+    assert not bool(mismatch.any()), (
+        f"{int(mismatch.sum())}/{f.numel()} bf16 stores differ from torch's rounding, e.g. "
+        f"{f[mismatch][:4].tolist()} -> {state[mismatch][:4].tolist()} "
+        f"instead of {expected[mismatch][:4].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_float64_to_16_bit_stores_match_torch(dtype):
+    """float64 accumulations written into a 16-bit cotangent round like Tensor.to."""
+    grad = make((4, 777), torch.float64, 8) * 3.0
+    grad[0, :6] = torch.tensor([1 + 2.0**-8, 1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-11, 1 + 2.0**-11 + 2.0**-40,
+                                6e4, 1e-6], dtype=torch.float64)  # ties and near-ties in float64
+    expected = grad.to(dtype)
+    cotangent = torch.empty_like(grad, dtype=dtype)
+    # beta = 1, scale_after: grad <- 0 * (grad + 0), cotangent <- 1 * (grad + 0)
+    ops.adjoint_accumulate_(grad, torch.zeros_like(grad), cotangent, 1.0, True, backend="triton")
+    mismatch = cotangent.view(torch.int16) != expected.view(torch.int16)
+    assert not bool(mismatch.any()), (
+        f"{int(mismatch.sum())}/{grad.numel()} float64 -> {dtype} stores differ from Tensor.to, e.g. "
+        f"{cotangent[mismatch][:4].tolist()} instead of {expected[mismatch][:4].tolist()}")
+
+
+def test_direct_calls_reject_overlap_and_strided_outputs():
+    from revdeq_kernels.ops._library import NAMESPACES, op
+
+    ns = NAMESPACES["triton"]
+    base = make((2, 8))
+    with pytest.raises(ValueError, match="overlap"):
+        op(ns, "relax_")(base.view(-1)[:8].view(1, 8), base.view(-1)[4:12].view(1, 8), 0.5)
+    grad = make((2, 8))
+    with pytest.raises(ValueError, match="overlap"):
+        op(ns, "adjoint_accumulate_")(grad, make((2, 8)), grad, 0.5, True)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        op(ns, "relax_")(make((8, 2)).t(), make((2, 8)), 0.5)
+    same = make((2, 8))
+    expected = same.clone()
+    reference.relax_(expected, expected.clone(), 0.5)
+    op(ns, "relax_")(same, same, 0.5)  # the same tensor read and written is elementwise-safe
+    assert torch.equal(same, expected), "relax_(state, state) differs from the reference"
+
+
+def test_every_written_tensor_moves_its_version_counter():
+    y, z, f = make((2, 8)), make((2, 8), seed=1), make((2, 8), seed=2)
+    for name, call in {
+        "unrelax_": lambda: ops.unrelax_(y, f, 0.5, backend="triton"),
+        "relax_residual_": lambda: ops.relax_residual_(y, z, f, 0.5, backend="triton"),
+        "adjoint_accumulate_ (grad)": lambda: ops.adjoint_accumulate_(y, f, z, 0.5, False, backend="triton"),
+    }.items():
+        version = y._version
+        call()
+        assert y._version > version, f"{name}: the written tensor's version counter did not move"
+
+
+def compile_for_sm90() -> dict:
+    """PTX of a representative set of kernel variants, compiled for sm_90 without a GPU
+    (needs the compiled kernels: run in a process with TRITON_INTERPRET=0)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from revdeq_kernels.ops import triton_jit as tj
+
+    assert not tk.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
+    tl = triton.language
+    scalars = {"n": "i32", "tuning_bucket": "i32", "one_minus_beta": "fp64", "beta": "fp64",
+               "n_rows": "i32", "row_len": "i64", "chunks_per_row": "i32"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # as inferred for aligned tensors
+
+    def compile(kernel, types, constants, attrs=None, num_warps=4):
+        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        source = ASTSource(kernel, signature, constants, attrs)
+        options = {"num_warps": num_warps}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    ptx = {}
+    for state, f in (("fp32", "fp32"), ("fp64", "bf16"), ("bf16", "fp16")):
+        acc = "fp64" if state == "fp64" else "fp32"
+        types = {**scalars, **{name: "*" + dtype for name, dtype in {
+            "state_ptr": state, "grad_ptr": state, "y_ptr": state, "z_ptr": state, "f_ptr": f, "vjp_ptr": f,
+            "cotangent_ptr": f, "residual_partials_ptr": acc, "f_partials_ptr": acc}.items()}}
+        ACC = tl.float64 if acc == "fp64" else tl.float32
+        ptx["relax", state, f] = compile(tj.relax_kernel, types, dict(INVERSE=True, ACC=ACC, BLOCK=2048),
+                                         aligned, num_warps=8)
+        ptx["adjoint", state, f] = compile(tj.adjoint_kernel, types, dict(SCALE_AFTER=False, ACC=ACC, BLOCK=1024))
+        ptx["rows", state, f] = compile(tj.row_sums_kernel, types,
+                                        dict(UPDATE=True, ACC=ACC, CHUNK=16384, ROWS=4, COLS=1024), num_warps=8)
+    partial_types = {**scalars, **{name: "*fp32" for name in
+                                   ("residual_partials_ptr", "f_partials_ptr", "residual_out_ptr", "f_out_ptr")}}
+    ptx["partials"] = compile(tj.sum_partials_kernel, partial_types, {"BLOCK": 1024})
+    return ptx
+
+
+def check_gpu_build() -> None:
+    """Run by the test below in a non-interpreting process."""
+    ptx = compile_for_sm90()
+    approximate = [variant for variant, code in ptx.items() if re.search(r"div\.(full|approx)", code)]
+    assert not approximate, f"approximate division in {approximate}"
+    assert "div.rn.f32" in ptx["relax", "fp32", "fp32"], "the float32 inverse must divide with div.rn.f32"
+    assert "ld.global.v4" in ptx["relax", "fp32", "fp32"], "aligned float32 loads are not 16-byte vectors"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        tk.relax_(torch.zeros(2, 4), torch.zeros(2, 4), 0.5)  # CPU tensors, compiled kernels
+    print(f"compiled {len(ptx)} variants")
+
+
+def test_gpu_kernels_compile_for_sm90_with_correct_rounding():
+    """The GPU path cannot run without a GPU; compiling it through ptxas checks its types,
+    masks and the division it lowers to. In a subprocess: this one interprets."""
+    from triton.backends import backends as triton_backends
+
+    if "nvidia" not in triton_backends:
+        pytest.skip(f"this triton has no NVIDIA backend ({sorted(triton_backends)}); nothing to compile for")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = "import tests.test_triton as t; t.check_gpu_build()"
+    result = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert result.returncode == 0 and "compiled 10 variants" in result.stdout, (
+        f"compiling the Triton kernels for sm_90 failed (exit {result.returncode}):\n"
+        f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
