@@ -58,6 +58,22 @@ def trainable_parameters(f) -> list[Tensor]:
     return []
 
 
+class BufferSnapshot:
+    """Restore f's buffers (BatchNorm running stats, counters) after the backward's
+    recomputations, so that recomputing f does not count as another training step."""
+
+    def __init__(self, f):
+        self.saved = [(buf, buf.detach().clone()) for buf in f.buffers()] if isinstance(f, nn.Module) else []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+
+
 @dataclass
 class Problem:
     """One solve: f, its input injection's dtype/device, and the solver settings."""
@@ -115,7 +131,10 @@ def make_problem(
     f, x: Tensor, z0: Tensor | None, *, beta, max_steps, tol, state_dtype, backend,
     on_nonfinite, replay_rng: bool = True,
 ) -> tuple[Problem, Tensor]:
-    """Validate the inputs and build the Problem; returns it with the initial state."""
+    """Validate the inputs and build the Problem; returns it with the initial state.
+
+    ``beta`` is taken as given: what is valid depends on the solver (a reversible coupling
+    must not be 1, a damping may be), so each solver validates its own."""
     if not callable(f):
         raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
     if not isinstance(x, Tensor):
@@ -147,7 +166,7 @@ def make_problem(
             raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
         start = z0.detach().to(state_dtype).contiguous()
     problem = Problem(
-        f=f, beta=check_beta(beta), max_steps=max_steps, tol=tol, state_dtype=state_dtype,
+        f=f, beta=float(beta), max_steps=max_steps, tol=tol, state_dtype=state_dtype,
         f_dtype=x.dtype, device=x.device, backend=resolve_backend(backend, x.device),
         on_nonfinite=on_nonfinite, rng=EvaluationRNG(x.device, enabled=replay_rng),
         autocast=_autocast_state(x.device),

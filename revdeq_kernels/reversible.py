@@ -23,8 +23,8 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .convergence import ConvergenceMonitor
 from .ops.reference import accumulation_dtype
-from .problem import (Problem, check_beta, check_checkpoint_every, check_choice, check_solver_args,
-                      make_problem, trainable_parameters)
+from .problem import (BufferSnapshot, Problem, check_beta, check_checkpoint_every, check_choice,
+                      check_solver_args, make_problem, trainable_parameters)
 from .stats import Solution, SolverStats
 from .unrolled import unrolled_solve
 
@@ -58,22 +58,6 @@ def forward_iteration(problem: Problem, x: Tensor, start: Tensor, checkpoint_eve
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
     return y, z, {k: v for k, v in checkpoints.items() if k < steps}
-
-
-class _BufferSnapshot:
-    """Restore f's buffers (BatchNorm running stats, counters) after the backward's
-    recomputations, so that recomputing f does not count as another training step."""
-
-    def __init__(self, f):
-        self.saved = [(buf, buf.detach().clone()) for buf in f.buffers()] if isinstance(f, nn.Module) else []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for buf, value in self.saved:
-                buf.copy_(value)
 
 
 def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
@@ -142,7 +126,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 vjp_state = vjp_state.clone()
             return out.detach(), vjp_state
 
-        with torch.enable_grad(), problem.autocast_context(), _BufferSnapshot(problem.f):
+        with torch.enable_grad(), problem.autocast_context(), BufferSnapshot(problem.f):
             for n in reversed(range(stats.steps)):
                 f_y, vjp = evaluate_with_vjp(y, 2 * n + 1)            # f(y_{n+1})
                 ops.unrelax_(z, f_y, b, backend=backend)              # z_n
@@ -194,6 +178,7 @@ def solve(
     """
     check_choice("adjoint", adjoint, ADJOINTS)
     check_checkpoint_every(checkpoint_every)
+    beta = check_beta(beta)
     problem, start = make_problem(
         f, x, z0, beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype,
         backend=backend, on_nonfinite=on_nonfinite, replay_rng=replay_rng,

@@ -82,14 +82,17 @@ def _triton_info() -> BackendInfo:
     return BackendInfo("triton", False, "no CUDA device; set TRITON_INTERPRET=1 to run on CPU")
 
 
+@functools.cache
+def _probe_backends() -> tuple[BackendInfo, ...]:
+    # Once per process: every op call resolves its backend, and probing CUDA each time
+    # cost a third of a small relax_ call. TRITON_INTERPRET must be set before triton is
+    # imported anyway, so nothing probed here can change later.
+    return (BackendInfo("torch", True, "pure-PyTorch reference"), _cpp_info(), _cuda_info(), _triton_info())
+
+
 def backends() -> dict[str, BackendInfo]:
     """What each backend can run on here, and for the unavailable ones, why."""
-    return {
-        "torch": BackendInfo("torch", True, "pure-PyTorch reference"),
-        "cpp": _cpp_info(),
-        "cuda": _cuda_info(),
-        "triton": _triton_info(),
-    }
+    return {info.name: info for info in _probe_backends()}
 
 
 @functools.cache
