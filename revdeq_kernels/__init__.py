@@ -1,10 +1,11 @@
 """revdeq_kernels: Reversible Deep Equilibrium Models for PyTorch."""
 
 from . import ops
+from .deq import DEQ
 from .ops import backends
 from .reversible import ReversibleDEQ, solve
 from .stats import Solution, SolverStats
 
 __version__ = "0.1.0"
 
-__all__ = ["ReversibleDEQ", "solve", "Solution", "SolverStats", "backends", "ops", "__version__"]
+__all__ = ["DEQ", "ReversibleDEQ", "solve", "Solution", "SolverStats", "backends", "ops", "__version__"]

@@ -1,0 +1,130 @@
+"""The e2e suite's outputs: the Markdown table, the target checks, the JSON file, the plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+TIME_RATIO_LIMIT = 1.35     # reversible step time / unrolled step time, same steps
+MEMORY_RATIO_LIMIT = 1.1    # reversible step memory at the most steps / at 4 steps
+GRAD_ERROR_LIMIT = 1e-9     # reversible gradient error vs unrolled autograd, float64
+
+COLUMNS = [
+    ("method", "method", "{}"), ("steps", "steps", "{}"), ("nfe_forward", "f evals fwd", "{}"),
+    ("nfe_backward", "f evals bwd", "{}"), ("vjp_backward", "VJPs bwd", "{}"),
+    ("time_ms", "step ms (median)", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
+    ("peak_mb", "peak MB", "{:.1f}"), ("step_mb", "step MB", "{:.1f}"),
+    ("residual", "residual (f64 copy)", "{:.2e}"), ("grad_error", "grad err vs autograd (f64)", "{:.2e}"),
+]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _by(rows: list[dict], method: str) -> dict[int, dict]:
+    return {r["steps"]: r for r in rows if r["method"] == method and r.get("time_ms") is not None}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The three targets for the reversible rows (plain and checkpointed), each with the
+    measured value, the limit and whether it is met."""
+    out = []
+    unr = _by(rows, "unrolled")
+    for method in ("reversible", "reversible_ck"):
+        rows_of = _by(rows, method)
+        common = sorted(set(rows_of) & set(unr))
+        if common:
+            ratios = {n: rows_of[n]["time_ms"] / unr[n]["time_ms"] for n in common}
+            worst = max(ratios.values())
+            out.append(dict(target=f"{method} step time <= {TIME_RATIO_LIMIT}x unrolled at every N",
+                            value=worst, met=worst <= TIME_RATIO_LIMIT,
+                            detail=", ".join(f"N={n}: {r:.2f}x" for n, r in ratios.items())))
+    for method in ("reversible", "reversible_ck"):
+        rows_of = _by(rows, method)
+        low = 4 if 4 in rows_of else min(rows_of, default=0)
+        high = max(rows_of, default=0)
+        if high <= low:
+            continue
+        ratio = rows_of[high]["step_mb"] / rows_of[low]["step_mb"]
+        detail = (f"step memory {rows_of[low]['step_mb']:.1f} MB at N={low}, "
+                  f"{rows_of[high]['step_mb']:.1f} MB at N={high}")
+        if method == "reversible" and low in unr and high in unr:
+            detail += (f"; unrolled {unr[low]['step_mb']:.1f} -> {unr[high]['step_mb']:.1f} MB "
+                       f"({unr[high]['step_mb'] / unr[low]['step_mb']:.1f}x, "
+                       f"{(unr[high]['step_mb'] - unr[low]['step_mb']) / (high - low):.2f} MB per step)")
+        out.append(dict(target=f"{method} step memory at N={high} <= {MEMORY_RATIO_LIMIT}x at N={low}",
+                        value=ratio, met=ratio <= MEMORY_RATIO_LIMIT, detail=detail))
+    for method in ("reversible", "reversible_ck"):
+        errors = {r["steps"]: r["grad_error"] for r in rows
+                  if r["method"] == method and r.get("grad_error") is not None}
+        if errors:
+            worst = max(errors.values())
+            out.append(dict(target=f"{method} gradient error <= {GRAD_ERROR_LIMIT:g} (float64, unrolled = truth)",
+                            value=worst, met=worst <= GRAD_ERROR_LIMIT,
+                            detail=", ".join(f"N={n}: {e:.1e}" for n, e in errors.items())))
+    return out
+
+
+def print_targets(checks: list[dict]) -> None:
+    print("\n# targets (ratios within this one run)")
+    for check in checks:
+        print(f"- [{'met' if check['met'] else 'NOT met'}] {check['target']}: {check['value']:.3g} ({check['detail']})")
+
+
+def _atomic_path(path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
+    return tmp
+
+
+def write_json(path: str, payload: dict) -> None:
+    tmp = _atomic_path(path)
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], folder: str, title: str) -> list[str]:
+    """Two PNGs: step memory vs steps and step time vs steps, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    written = []
+    for key, ylabel, name in (("step_mb", "step memory (MB): peak above the resident model", "e2e_memory.png"),
+                              ("time_ms", "training-step time, median (ms)", "e2e_time.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in methods:
+            points = sorted((r["steps"], r[key]) for r in rows if r["method"] == method and r.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("steps N (forward budget: 1 + 2N evaluations of the block)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(folder, name)
+        tmp = _atomic_path(path)
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
