@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LMConfig, from_dict
+from .config import LMConfig, config_from_dict
 from .io import atomic_path
 from .model import TransformerLM
 from .tokenizer import Tokenizer
@@ -21,7 +21,7 @@ from .tokenizer import Tokenizer
 FORMAT = 1
 # Keys an evaluation or generation may change on a trained model: inference-time solver
 # settings and where/how it runs.
-INFERENCE_KEYS = ("max_steps", "tol", "beta", "state_dtype", "backend", "device", "batch_size",
+INFERENCE_KEYS = ("max_steps", "tol", "beta", "state_dtype", "backend", "device", "amp", "batch_size",
                   "data_dir", "threads", "eval_batches")
 
 
@@ -51,7 +51,7 @@ def load_model(path: Path | str, overrides: dict | None = None, device="cpu"):
         if key not in INFERENCE_KEYS:
             raise ValueError(f"cannot override {key!r} on a trained model; allowed: {', '.join(INFERENCE_KEYS)}")
         values[key] = value
-    cfg: LMConfig = from_dict(values, f"checkpoint {path}")
+    cfg: LMConfig = config_from_dict(values, f"checkpoint {path}")
     model = TransformerLM(cfg)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
+from pathlib import Path
 
-from .config import ConfigError, apply_overrides, load_config, parse_value, preset_names, split_override, valid_keys
-from .data import DataUnavailable
+from .config import ConfigError, load_config, parse_overrides, preset_names, valid_keys
+from .sources import DataUnavailable
 from .tokenizer import TokenizerUnavailable
 
-_ERRORS = (ConfigError, DataUnavailable, TokenizerUnavailable, FileNotFoundError, ValueError)
+# Errors that are the user's to fix: printed as one line, exit status 2.
+_USER_ERRORS = (ConfigError, DataUnavailable, TokenizerUnavailable, FileNotFoundError, ValueError)
 
 
 def _fail(error: Exception) -> int:
@@ -20,26 +21,17 @@ def _fail(error: Exception) -> int:
     return 2
 
 
-def _inference_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, text = split_override(item)
-        out[key] = parse_value(key, text)
-    return out
-
-
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="revdeq-train",
-        description="Train a RevDEQ transformer language model. Settings: a preset or YAML file, "
-                    "then key=value overrides. Multi-process: torchrun --nproc_per_node=N --no-python revdeq-train ...",
-        epilog=f"presets: {', '.join(preset_names())}. keys: {', '.join(valid_keys())}",
-    )
+        description="Train a RevDEQ transformer language model: a preset or YAML file, then key=value "
+                    "overrides. Several processes: torchrun --nproc_per_node=N --no-python revdeq-train ...",
+        epilog=f"presets: {', '.join(preset_names())}. keys: {', '.join(valid_keys())}")
     parser.add_argument("--config", default="tiny", help="preset name or path to a YAML file (default: tiny)")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
@@ -47,43 +39,48 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-    from .train import train
+    from .training import train
 
-    warnings.filterwarnings("once", category=RuntimeWarning)
     try:
         result = train(cfg, resume=args.resume)
-    except _ERRORS as error:
+    except _USER_ERRORS as error:
         return _fail(error)
     return 1 if result.stopped == "nonfinite" else 0
+
+
+def _load(checkpoint: str, overrides: list[str]):
+    """(model on its device, tokenizer, config, checkpoint dict, device)."""
+    import torch
+
+    from .checkpoint import load_model
+    from .runtime import resolve_device
+
+    model, tokenizer, cfg, ckpt = load_model(checkpoint, parse_overrides(overrides))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    return model.to(device), tokenizer, cfg, ckpt, device
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="revdeq-eval",
-        description="Perplexity and DEQ solver statistics of a checkpoint on a data split. "
-                    "key=value overrides may change inference settings (e.g. max_steps=8 tol=1e-4).")
+        description="Perplexity and DEQ solver statistics of a checkpoint on a data split. key=value "
+                    "overrides may change inference settings (e.g. max_steps=8 tol=1e-4).")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--max-windows", type=int, default=0, help="evaluate this many evenly spaced windows (0: all)")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    import torch
-
-    from .checkpoint import load_model
+    args = parser.parse_intermixed_args(argv)
     from .data import prepare_data
-    from .train import evaluate, resolve_device
+    from .evaluation import evaluate
 
     try:
-        overrides = _inference_overrides(args.overrides)
-        model, tokenizer, cfg, ckpt = load_model(args.checkpoint, overrides)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg)
-        model.to(device)
+        model, tokenizer, cfg, ckpt, device = _load(args.checkpoint, args.overrides)
         data = prepare_data(cfg, tokenizer)
         result = evaluate(model, data[args.split], cfg, device, max_windows=args.max_windows)
-    except _ERRORS as error:
+    except _USER_ERRORS as error:
         return _fail(error)
     result = {"checkpoint": args.checkpoint, "step": ckpt["step"], "split": args.split,
               "method": cfg.method, "max_steps": cfg.max_steps, "tol": cfg.tol, **result}
@@ -93,8 +90,6 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"(max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
               f"max {result['residual_max']:.3e}")
     if args.json:
-        from pathlib import Path
-
         from .io import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(result, indent=1))
@@ -104,8 +99,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="revdeq-generate",
-        description="Sample text from a checkpoint. The DEQ decodes incrementally through an "
-                    "equilibrium cache unless --no-cache.")
+        description="Sample text from a checkpoint. The DEQ decodes incrementally through an equilibrium "
+                    "cache unless --no-cache. key=value overrides may change inference settings.")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -115,39 +110,32 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     parser.add_argument("--compare", action="store_true",
-                        help="also time full recomputation and report tokens/s of both paths")
+                        help="also run the other path; report both tokens/s and the cache's max |p_cached - p_full|")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     import torch
 
-    from .checkpoint import load_model
-    from .generate import generate
-    from .train import resolve_device
+    from .generation import cache_parity, generate
 
     try:
-        overrides = _inference_overrides(args.overrides)
-        model, tokenizer, cfg, _ = load_model(args.checkpoint, overrides)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg)
-        model.to(device)
-        ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
-        if not ids:
-            ids = [tokenizer.eot_id]
-        prompt = torch.tensor([ids], device=device)
-        kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        out = generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, **kwargs)
-    except _ERRORS as error:
+        model, tokenizer, cfg, _, device = _load(args.checkpoint, args.overrides)
+        prompt = torch.tensor([tokenizer.encode(args.prompt) or [tokenizer.eot_id]], device=device)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        out = generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, **sampling)
+    except _USER_ERRORS as error:
         return _fail(error)
     print(tokenizer.decode(out.ids[0].tolist()))
     mode = "cached" if out.cached else "full recomputation"
     print(f"\n[{out.new_tokens} tokens in {out.seconds:.2f}s: {out.tokens_per_s:.1f} tokens/s, {mode}]", file=sys.stderr)
     if args.compare:
-        other = generate(model, prompt, args.max_new_tokens, use_cache=out.cached is False, **kwargs)
+        other = generate(model, prompt, args.max_new_tokens, use_cache=not out.cached, **sampling)
         cached, full = (out, other) if out.cached else (other, out)
-        same = torch.equal(cached.ids, full.ids)
-        print(f"[cached {cached.tokens_per_s:.1f} tokens/s vs full recomputation {full.tokens_per_s:.1f} "
-              f"tokens/s: {cached.tokens_per_s / full.tokens_per_s:.1f}x; same tokens: {same}]", file=sys.stderr)
+        line = (f"[cached {cached.tokens_per_s:.1f} tokens/s vs full recomputation {full.tokens_per_s:.1f} "
+                f"tokens/s: {cached.tokens_per_s / full.tokens_per_s:.2f}x; same tokens: "
+                f"{torch.equal(cached.ids, full.ids)}")
+        if cached.ids.shape[1] <= cfg.seq_len:
+            line += f"; max |p_cached - p_full| {cache_parity(model, cached.ids, prompt.shape[1]):.2e}"
+        print(line + "]", file=sys.stderr)
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import atomic_path, atomic_write_text
 
 
 def read_jsonl(path: Path | str) -> list[dict]:
@@ -74,6 +74,7 @@ def plot_losses(jsonl: Path | str, png: Path | str, title: str = "") -> Path:
     ax.legend()
     fig.tight_layout()
     png = Path(png)
-    fig.savefig(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return png

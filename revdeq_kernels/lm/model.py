@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import revdeq_kernels as rk
 
-from .block import Block, CachedBlock, KVCache
+from .block import Block, CachedSolveBlock, KVCache
 from .config import LMConfig
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -61,10 +61,6 @@ class TransformerLM(nn.Module):
     @property
     def is_deq(self) -> bool:
         return self.cfg.method in ("reversible", "unrolled")
-
-    @property
-    def blocks_list(self) -> list[Block]:
-        return [self.deq.f] if self.is_deq else list(self.blocks)
 
     def _init_weights(self) -> None:
         # GPT-2 style: N(0, 0.02), residual output projections scaled by the depth
@@ -112,56 +108,45 @@ class TransformerLM(nn.Module):
         return logits, loss
 
     # --- incremental decoding ---------------------------------------------------------
-    def new_cache(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
-        heads, hd = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-        return [KVCache(batch, heads, self.cfg.seq_len, hd, dtype=dtype, device=device)
-                for _ in self.blocks_list]
+    def new_caches(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
+        """Empty caches: one per explicit layer, or one with a level per DEQ evaluation."""
+        heads, head_dim = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+        levels, count = (1 + 2 * self.deq.max_steps, 1) if self.is_deq else (1, len(self.blocks))
+        return [KVCache(levels, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device)
+                for _ in range(count)]
 
     @torch.no_grad()
     def prefill(self, idx: Tensor) -> tuple[Tensor, list[KVCache]]:
-        """Run the prompt once; returns the last position's logits [B, V] and the caches.
-
-        DEQ: the cache holds the keys/values of the prompt's equilibria. Causal attention
-        means an earlier position's equilibrium does not depend on later tokens, so these
-        stay valid as tokens are appended."""
+        """Solve the prompt once; returns the last position's logits [B, V] and the caches."""
         x = self.embed(idx)
-        caches = self.new_cache(idx.shape[0], x.dtype, x.device)
-        if self.is_deq:
-            z = self.deq(x).to(x.dtype)
-            self.last_stats = self.deq.last_stats
-            caches[0].append(*self.deq.f.kv(z, x))
-        else:
-            z = torch.zeros_like(x)
-            for block, cache in zip(self.blocks, caches):
-                cache.append(*block.kv(z, x))
-                z = block(z, x)
-        return self.head(self.ln_f(z[:, -1])), caches
+        caches = self.new_caches(idx.shape[0], x.dtype, x.device)
+        return self.head(self.ln_f(self._extend(x, caches)[:, -1])), caches
 
     @torch.no_grad()
     def decode_step(self, token: Tensor, caches: list[KVCache]) -> Tensor:
         """Append ``token`` [B] at the next position; returns its logits [B, V].
 
-        DEQ: solves only the new position's fixed point, ``z = f(z, x_t)`` on a [B, 1, D]
-        state, with f attending to the cached equilibria of the earlier positions."""
-        pos = caches[0].length
-        x = self.embed(token[:, None], start=pos)
+        DEQ: solves only the new position's fixed point, on a [B, 1, D] state, each
+        evaluation attending to the cached keys/values of the earlier positions' iterate
+        of the same evaluation. Causal attention means those never depend on later
+        tokens, so this is the computation a solve of the whole sequence does for the last
+        position (the same steps: exactly, up to rounding)."""
+        x = self.embed(token[:, None], start=caches[0].length)
+        return self.head(self.ln_f(self._extend(x, caches)[:, -1]))
+
+    def _extend(self, x: Tensor, caches: list[KVCache]) -> Tensor:
+        """Final states of the new positions ``x`` [B, T, D] after the cached ones; their
+        keys/values are appended to the caches."""
         if self.is_deq:
-            block = self.deq.f
-            solution = rk.solve(
-                CachedBlock(block, caches[0]), x, beta=self.deq.beta, max_steps=self.deq.max_steps,
-                tol=self.deq.tol, state_dtype=self.deq.state_dtype, backend=self.deq.backend,
-            )
+            f = CachedSolveBlock(self.deq.f, caches[0])
+            solution = rk.solve(f, x, beta=self.deq.beta, max_steps=self.deq.max_steps, tol=self.deq.tol,
+                                state_dtype=self.deq.state_dtype, backend=self.deq.backend)
             self.last_stats = solution.stats
-            z = solution.z.to(x.dtype)
-            caches[0].append(*block.kv(z, x))
-        else:
-            z = torch.zeros_like(x)
-            for block, cache in zip(self.blocks, caches):
-                k, v = block.kv(z, x)
-                z = block(z, x, cache.view())
-                cache.append(k, v)
-        return self.head(self.ln_f(z[:, -1]))
-
-
-def build_model(cfg: LMConfig) -> TransformerLM:
-    return TransformerLM(cfg)
+            caches[0].append(f.recorded)
+            return solution.z.to(x.dtype)
+        z = torch.zeros_like(x)
+        for block, cache in zip(self.blocks, caches):
+            recorded: list = []
+            z = block(z, x, cache.view(0) if cache.length else None, recorded)
+            cache.append(recorded)
+        return z

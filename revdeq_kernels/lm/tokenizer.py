@@ -69,7 +69,6 @@ class Tokenizer:
 def gpt2_tokenizer() -> Tokenizer:
     """GPT-2's tokenizer from the local Hugging Face cache, never the network."""
     try:
-        import transformers  # noqa: F401
         from transformers import GPT2TokenizerFast
     except ImportError as error:
         raise TokenizerUnavailable(

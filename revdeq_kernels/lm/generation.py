@@ -2,18 +2,18 @@
 
 Full recomputation re-solves the whole context for every new token. The cached path
 solves the prompt once, keeps the keys/values of each position's equilibrium, and for
-each new token solves only that position's fixed point, a [B, 1, D] DEQ whose block
+each new token solves only that position's fixed point: a [B, 1, D] DEQ whose block
 attends to the cache (``TransformerLM.decode_step``). Causal attention makes an earlier
 position's equilibrium independent of later tokens, so the cache stays valid.
 
-The two paths agree to the solver's accuracy, not bit for bit: the full path's keys at
-each iteration come from the earlier positions' current iterates, the cached path's from
-their final states. The gap shrinks with the residual (smaller ``tol`` / more
-``max_steps``); for the explicit model the cache is exact.
+The two paths agree to the solver's accuracy, not bit for bit: in the full solve, the
+keys at each iteration come from the earlier positions' current iterates; in the cached
+solve, from their final states. The gap shrinks with the residual (smaller ``tol``, more
+``max_steps``); :func:`cache_parity` measures it. For the explicit model the cache is exact.
 
 Contexts longer than ``seq_len``: full recomputation slides the window one token at a
-time; the cached path, when its cache is full, re-solves the last ``seq_len // 2``
-tokens and continues from there (so past ``seq_len`` tokens the two paths differ).
+time; the cached path, when its cache is full, re-solves the last ``seq_len // 2`` tokens
+and continues from there (so past ``seq_len`` tokens the two paths differ).
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from .model import TransformerLM
 def sample_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  generator: torch.Generator | None = None) -> Tensor:
     """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k, then
-    nucleus (top-p) filtering of the temperature-scaled distribution."""
+    nucleus (top-p) filtering of the temperature-scaled distribution, then a draw."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={temperature}, "
+                         f"top_p={top_p}, top_k={top_k}")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
+    if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
@@ -45,10 +46,8 @@ def sample_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Generation:
     new_tokens: int
     seconds: float
     cached: bool
-    solver_steps: list[int] = field(default_factory=list)  # per new token (DEQ)
+    solver_steps: list[int] = field(default_factory=list)  # per solve (DEQ)
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,19 +66,25 @@ class Generation:
 @torch.no_grad()
 def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, use_cache: bool = True) -> Generation:
-    """Append ``max_new_tokens`` sampled tokens to ``prompt`` [B, T] (T >= 1)."""
+    """Append ``max_new_tokens`` sampled tokens to ``prompt`` [B, T >= 1]. The same seed
+    gives the same tokens; without one, the draw comes from torch's global generator."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
-    device = prompt.device
-    generator = torch.Generator(device=device)
+    generator = torch.Generator(device=prompt.device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-    seq_len = model.cfg.seq_len
-    ids = prompt
-    steps: list[int] = []
+    seq_len, ids, steps = model.cfg.seq_len, prompt, []
+
+    def record_steps():
+        if model.last_stats is not None:
+            steps.append(model.last_stats.steps)
+
     t0 = time.perf_counter()
     if use_cache and max_new_tokens > 0:
         logits, caches = model.prefill(ids[:, -seq_len:])
+        record_steps()
         for i in range(max_new_tokens):
             token = sample_token(logits, temperature, top_k, top_p, generator)
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -89,15 +94,30 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
                 logits, caches = model.prefill(ids[:, -(seq_len // 2):])
             else:
                 logits = model.decode_step(token, caches)
-            if model.last_stats is not None:
-                steps.append(model.last_stats.steps)
+            record_steps()
     else:
         for _ in range(max_new_tokens):
             logits = model(ids[:, -seq_len:])[:, -1]
-            if model.last_stats is not None:
-                steps.append(model.last_stats.steps)
-            token = sample_token(logits, temperature, top_k, top_p, generator)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            record_steps()
+            ids = torch.cat([ids, sample_token(logits, temperature, top_k, top_p, generator)[:, None]], dim=1)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize(prompt.device)
     return Generation(ids, max_new_tokens, time.perf_counter() - t0, use_cache, steps)
+
+
+@torch.no_grad()
+def cache_parity(model: TransformerLM, ids: Tensor, prompt_len: int) -> float:
+    """Max |p_cached - p_full| over the next-token distributions after each prefix of
+    ``ids`` [B, T <= seq_len] from ``prompt_len`` tokens on: the cached path (prefill, then
+    one decode step per token of ``ids``) against a full solve of each prefix."""
+    if not 1 <= prompt_len <= ids.shape[1] <= model.cfg.seq_len:
+        raise ValueError(f"need 1 <= prompt_len={prompt_len} <= length={ids.shape[1]} <= seq_len={model.cfg.seq_len}")
+    model.eval()
+    logits, caches = model.prefill(ids[:, :prompt_len])
+    worst = 0.0
+    for t in range(prompt_len, ids.shape[1] + 1):
+        full = model(ids[:, :t])[:, -1]
+        worst = max(worst, float((logits.float().softmax(-1) - full.float().softmax(-1)).abs().max()))
+        if t < ids.shape[1]:
+            logits = model.decode_step(ids[:, t], caches)
+    return worst

@@ -1,0 +1,305 @@
+"""Training: AdamW with linear warmup and cosine decay, gradient clipping and accumulation,
+bf16 autocast on CUDA, periodic validation, atomic checkpoints with exact resume, and
+data parallelism over ``torchrun`` processes.
+
+Data parallelism wraps the whole language model in DistributedDataParallel. The DEQ
+evaluates its block many times per step, but the block's parameter gradients leave the
+reversible solve through one autograd.Function backward (and through one accumulation per
+leaf with the unrolled adjoint), so each gradient is all-reduced once per backward.
+Every rank reads its own shard of the training windows; rank 0 alone logs and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .batches import TrainSampler
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DATA_KEYS, MODEL_KEYS, LMConfig
+from .data import prepare_data
+from .evaluation import evaluate
+from .metrics import MetricsLogger, plot_losses, truncate_jsonl
+from .model import TransformerLM
+from .runtime import Dist, autocast_for, resolve_device, rng_state, set_rng_state, setup_distributed
+from .sources import DataUnavailable
+from .tokenizer import Tokenizer
+
+
+def warmup_cosine(warmup: int, total: int, floor: float):
+    """Learning-rate multiplier per step: linear warmup to 1, cosine decay to ``floor``.
+    A plain function, so the scheduler's checkpoint never stores it: a resumed run follows
+    the schedule of its own config."""
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return multiplier
+
+
+def make_optimizer(model: TransformerLM, cfg: LMConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, LayerNorms)."""
+    params = list(model.parameters())  # lists the tied embedding/head weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch."""
+    return model(x, y)[1]
+
+
+@dataclass
+class TrainResult:
+    model: TransformerLM
+    tokenizer: Tokenizer
+    step: int
+    stopped: str  # "done" | "time_budget" | "nonfinite"
+    losses: dict[int, float] = field(default_factory=dict)  # training loss per optimizer step
+    val: dict[int, dict] = field(default_factory=dict)      # validation result per step
+    out_dir: Path = Path(".")
+    train_seconds: float = 0.0
+
+
+def train(cfg: LMConfig, resume: bool = False, log=print) -> TrainResult:
+    """Train ``cfg`` (resume from ``<out_dir>/last.pt`` with ``resume``); under torchrun,
+    every process calls this and they train one model together."""
+    cfg.validate()
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    ddp = setup_distributed("cuda" if cuda else "cpu")
+    threads = torch.get_num_threads()
+    try:
+        return Trainer(cfg, ddp, log if ddp.main else (lambda *a, **k: None)).run(resume)
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads applies to this run only
+        if ddp.created_group:
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, cfg: LMConfig, ddp: Dist, log):
+        self.cfg, self.ddp, self.log = cfg, ddp, log
+        self.device = resolve_device(cfg, ddp.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out_dir)
+        self.ckpt_path = self.out / "last.pt"
+        self.step, self.train_seconds = 0, 0.0
+        self.losses: dict[int, float] = {}
+        self.val: dict[int, dict] = {}
+        self.logger: MetricsLogger | None = None
+
+    # --- setup ------------------------------------------------------------------------------
+    def _load_resume_checkpoint(self) -> dict:
+        cfg = self.cfg
+        if not self.ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path} (out_dir={cfg.out_dir})")
+        ckpt = load_checkpoint(self.ckpt_path)
+        changed = [f"{k}: {ckpt['config'][k]!r} -> {getattr(cfg, k)!r}" for k in MODEL_KEYS + DATA_KEYS
+                   if ckpt["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"cannot resume {self.ckpt_path} with a different model or data: {'; '.join(changed)}")
+        if ckpt["world_size"] != self.ddp.world:
+            raise ValueError(f"{self.ckpt_path} was written by {ckpt['world_size']} process(es); resume it "
+                             f"with the same number (this run has {self.ddp.world})")
+        return ckpt
+
+    def _setup(self, resume: bool) -> None:
+        cfg, ddp = self.cfg, self.ddp
+        ckpt = self._load_resume_checkpoint() if resume else None
+        saved_tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else None
+        # rank 0 builds the token cache (and downloads the corpus); the others then read it
+        data, error = None, None
+        if ddp.main:
+            try:
+                data = prepare_data(cfg, saved_tokenizer, log=self.log)
+            except Exception as caught:  # told to the other ranks below, then re-raised
+                error = caught
+        if ddp.world > 1:  # the other ranks must not wait forever for a rank 0 that failed
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and not ddp.main:
+                raise DataUnavailable(f"rank 0 could not prepare the data: {message[0]}")
+        if error is not None:
+            raise error
+        self.data = data or prepare_data(cfg, saved_tokenizer, log=self.log)
+        self.tokenizer = self.data.tokenizer
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = TransformerLM(cfg).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.warmup_iters, cfg.max_iters, cfg.min_lr / cfg.lr))
+        self.sampler = TrainSampler(self.data["train"], cfg.seq_len, cfg.batch_size, cfg.seed, ddp.rank, ddp.world)
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+            self.sampler.load_state_dict(ckpt["data"][ddp.rank])
+            set_rng_state(ckpt["rng"][ddp.rank], self.device)
+            self.step, self.train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
+            self.val = {int(k): v for k, v in ckpt["val"].items()}
+            self.log(f"resumed from {self.ckpt_path} at step {self.step}")
+        else:
+            torch.manual_seed(cfg.seed + ddp.rank)  # dropout and solver streams differ per rank
+        self.wrapped = self.model
+        if ddp.world > 1:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if ddp.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            metrics = self.out / "metrics.jsonl"
+            if ckpt is not None:
+                truncate_jsonl(metrics, self.step)  # drop records written after the checkpoint
+            elif metrics.exists():
+                metrics.unlink()  # a fresh run starts a fresh record
+            self.logger = MetricsLogger(self.out, cfg.tensorboard, purge_step=self.step + 1 if ckpt else None)
+            self.log(f"model: {cfg.method}, {self.model.num_parameters() / 1e6:.2f}M parameters; device "
+                     f"{self.device}; {ddp.world} process(es); {self.tokens_per_step:,} tokens/step")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.ddp.world
+
+    # --- pieces of a step -----------------------------------------------------------------------
+    def _forward_backward(self) -> float:
+        """Loss of one optimizer step (mean over micro-batches and ranks), gradients accumulated."""
+        cfg, ddp = self.cfg, self.ddp
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(self.device) for t in self.sampler.next_batch())
+            last = micro == cfg.grad_accum - 1
+            no_sync = self.wrapped.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()
+            with no_sync:
+                with autocast_for(cfg, self.device):
+                    loss = compute_loss(self.wrapped, x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().double()
+        if ddp.world > 1:
+            dist.all_reduce(loss_sum)  # a NaN on any rank reaches every rank: all stop together
+        return float(loss_sum) / (cfg.grad_accum * ddp.world)
+
+    def _stop_nonfinite(self, what: str, value: float) -> None:
+        last = (f"{self.ckpt_path} (step {load_checkpoint(self.ckpt_path)['step']})"
+                if self.ddp.main and self.ckpt_path.exists() else "none: no checkpoint was written yet")
+        self.log(f"\nnon-finite {what} ({value}) at step {self.step + 1}: training stopped before the "
+                 f"optimizer step. The last good checkpoint is {last}. Lower lr, raise warmup_iters, "
+                 "or keep the DEQ states in float64 (state_dtype=float64).")
+
+    def validate(self) -> dict:
+        cfg = self.cfg
+        result = evaluate(self.model, self.data["validation"], cfg, self.device,
+                          max_windows=cfg.eval_batches * cfg.batch_size, ddp=self.ddp)
+        self.val[self.step] = result
+        if self.logger is not None:
+            extra = {k: v for k, v in result.items() if k not in ("loss", "ppl")}
+            self.logger.log({"kind": "val", "step": self.step, "val_loss": result["loss"],
+                             "val_ppl": result["ppl"], **extra})
+        return result
+
+    def checkpoint(self) -> None:
+        """Every rank's RNG state and data position, gathered to rank 0, which alone writes."""
+        mine = (rng_state(self.device), self.sampler.state_dict())
+        gathered = [mine]
+        if self.ddp.world > 1:
+            gathered = [None] * self.ddp.world
+            dist.all_gather_object(gathered, mine)
+        if self.ddp.main:
+            save_checkpoint(self.ckpt_path, {
+                "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "train_seconds": self.train_seconds, "world_size": self.ddp.world,
+                "rng": [g[0] for g in gathered], "data": [g[1] for g in gathered],
+                "tokenizer": self.tokenizer.to_json(), "val": {str(k): v for k, v in self.val.items()},
+            })
+
+    def _over_budget(self) -> bool:
+        """Whether the time budget is spent, decided together so that all ranks stop at one step."""
+        over = bool(self.cfg.time_budget_s) and self.train_seconds >= self.cfg.time_budget_s
+        if self.cfg.time_budget_s and self.ddp.world > 1:
+            flag = torch.tensor(float(over), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over = bool(flag.item())
+        return over
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self, resume: bool) -> TrainResult:
+        self._setup(resume)
+        cfg = self.cfg
+        bar = None
+        if self.ddp.main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_iters, initial=self.step, desc=f"train {cfg.method}", dynamic_ncols=True)
+        stopped = "time_budget" if self.step < cfg.max_iters and self._over_budget() else "done"
+        self.model.train()
+        try:
+            while self.step < cfg.max_iters and stopped == "done":
+                t0 = time.perf_counter()
+                loss = self._forward_backward()
+                if not math.isfinite(loss):
+                    self._stop_nonfinite("loss", loss)
+                    stopped = "nonfinite"
+                    break
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: only measure
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+                if not math.isfinite(grad_norm):
+                    self._stop_nonfinite("gradient norm", grad_norm)
+                    stopped = "nonfinite"
+                    break
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.losses[self.step] = loss
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                self._report(bar, loss, lr, grad_norm, dt)
+                if self._over_budget():
+                    stopped = "time_budget"
+                at_end = self.step == cfg.max_iters or stopped == "time_budget"
+                if self.step % cfg.eval_interval == 0 or at_end:
+                    result = self.validate()
+                    if bar is not None:
+                        bar.write(f"step {self.step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
+                if self.step % cfg.checkpoint_interval == 0 or at_end:
+                    self.checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        if self.ddp.main and stopped != "nonfinite":
+            png = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"{cfg.method} ({cfg.out_dir})")
+            self.log(f"stopped ({stopped}) at step {self.step}; checkpoint {self.ckpt_path}; "
+                     f"metrics {self.out / 'metrics.jsonl'}; plot {png}")
+        return TrainResult(self.model, self.tokenizer, self.step, stopped, self.losses, self.val,
+                           self.out, self.train_seconds)
+
+    def _report(self, bar, loss: float, lr: float, grad_norm: float, dt: float) -> None:
+        stats = self.model.last_stats
+        solver = {"solver_steps": stats.steps, "residual": stats.max_residual} if stats is not None else {}
+        tokens_per_s = self.tokens_per_step / dt
+        if self.logger is not None and (self.step % self.cfg.log_interval == 0 or self.step == self.cfg.max_iters):
+            self.logger.log({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens_per_s": tokens_per_s, "step_time_s": dt, **solver})
+        if bar is not None:
+            post = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if stats is not None:
+                post.update(deq_steps=stats.steps, res=f"{stats.max_residual:.1e}")
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)

@@ -1,0 +1,130 @@
+"""Training: the loss falls, resume is exact, checkpoints survive crashes, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from revdeq_kernels.lm import train
+
+from revdeq_kernels.lm.checkpoint import load_checkpoint, load_model, save_checkpoint
+from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
+
+QUIET = dict(log=lambda *a, **k: None)
+from revdeq_kernels.lm import training as train_module
+
+
+def test_thirty_steps_loss_falls_and_run_records_are_written(tmp_path):
+    cfg = small_config(tmp_path, max_iters=30, tensorboard=True)
+    result = train(cfg, **QUIET)
+    losses = [result.losses[s] for s in range(1, 31)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert result.stopped == "done" and result.step == 30
+    assert last < first - 1.0, f"training loss did not fall by 1 nat: first 5 steps {first:.3f}, last 5 {last:.3f}"
+    assert result.val[30]["loss"] < result.val[10]["loss"], f"validation loss did not fall: {result.val}"
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
+    assert {"tokens_per_s", "solver_steps", "residual", "lr", "grad_norm"} <= set(records[0])
+    assert (result.out_dir / "loss.png").stat().st_size > 0
+    assert any((result.out_dir / "tb").iterdir()), "no TensorBoard events written"
+    model, tokenizer, loaded_cfg, ckpt = load_model(result.out_dir / "last.pt")
+    assert ckpt["step"] == 30 and loaded_cfg == cfg
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))
+
+
+def crash_at_step(monkeypatch, step: int):
+    """Make the forward of optimizer step ``step`` raise, as a killed run would stop."""
+    calls = {"n": 0}
+    real = train_module.compute_loss
+
+    def crashing(model, x, y):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated crash")
+        return real(model, x, y)
+
+    monkeypatch.setattr(train_module, "compute_loss", crashing)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
+    overrides = dict(max_iters=12, checkpoint_interval=6, eval_interval=4, dropout=0.1)
+    full = train(small_config(tmp_path / "a", **overrides), **QUIET)
+    cfg = small_config(tmp_path / "b", **overrides)
+    crash_at_step(monkeypatch, 9)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, **QUIET)
+    assert load_checkpoint(tmp_path / "b" / "run" / "last.pt")["step"] == 6
+    monkeypatch.undo()
+    resumed = train(cfg, resume=True, **QUIET)
+    diffs = {s: resumed.losses[s] - full.losses[s] for s in range(7, 13)}
+    assert resumed.step == 12 and all(d == 0 for d in diffs.values()), f"resumed - uninterrupted losses: {diffs}"
+    assert resumed.val[12] == full.val[12]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume: max |diff| {(a - b).abs().max():.3g}"
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in l]
+    assert steps == list(range(1, 13)), f"metrics.jsonl steps after resume: {steps}"
+    with pytest.raises(ValueError, match="cannot resume .* d_model: 32 -> 64"):
+        train(small_config(tmp_path / "b", **overrides, d_model=64), resume=True, **QUIET)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def nan_at_step_5(model, x, y):
+        calls["n"] += 1
+        loss = real(model, x, y)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", nan_at_step_5)
+    messages = []
+    result = train(small_config(tmp_path, max_iters=10, checkpoint_interval=2), log=messages.append)
+    assert result.stopped == "nonfinite" and result.step == 4, (result.stopped, result.step)
+    assert any("non-finite loss (nan) at step 5" in m and "(step 4)" in m for m in messages), messages
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_checkpoint_write_is_atomic_when_the_save_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def dies_halfway(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial checkpoint")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "a temporary file was left behind"
+
+
+CRASH_MID_WRITE = """
+import os, sys, torch
+from revdeq_kernels.lm.checkpoint import save_checkpoint
+path = sys.argv[1]
+save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
+def killed_halfway(obj, f):
+    with open(f, "wb") as fh:
+        fh.write(b"PK partial")
+        fh.flush()
+    os._exit(9)  # the process dies mid-write: no exception handler, no cleanup
+torch.save = killed_halfway
+save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+"""
+
+
+def test_checkpoint_survives_a_process_killed_mid_write(tmp_path):
+    path = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", CRASH_MID_WRITE, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 1 and math.isclose(float(ckpt["w"].sum()), 1000.0)
