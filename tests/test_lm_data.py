@@ -17,7 +17,7 @@ from revdeq_kernels.lm import sources
 from revdeq_kernels.lm.batches import TrainSampler, eval_starts
 from revdeq_kernels.lm.sources import Document, read_shakespeare_archive, wikitext_documents
 from revdeq_kernels.lm.data import split_documents
-from revdeq_kernels.lm.tokenizer import Tokenizer, train_bpe
+from revdeq_kernels.lm.tokenizer import Tokenizer, TokenizerUnavailable, choose_kind, gpt2_tokenizer, train_bpe
 from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
 
 
@@ -98,6 +98,13 @@ def test_wikitext_without_datasets_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DataUnavailable, match=r"needs the `datasets` package.*revdeq_kernels\[hf\]"):
         wikitext_documents("wikitext-2")
+
+
+def test_gpt2_tokenizer_unavailable_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(TokenizerUnavailable, match=r"needs `transformers`.*from_pretrained\('gpt2'\).*tokenizer=bpe"):
+        gpt2_tokenizer()
+    assert choose_kind("auto", 50304) == "bpe" and choose_kind("auto", 2048) == "bpe"
 
 
 def test_wikitext_is_split_into_articles(monkeypatch):
