@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from revdeq_kernels.lm.checkpoint import load_checkpoint
 from tests.test_lm_helpers import small_config
 
 RANK_MAIN = """
@@ -57,8 +58,9 @@ def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
     for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
         assert torch.equal(a, b), f"{name} differs between ranks: max |diff| {(a - b).abs().max():.3g}"
     assert r0["val"] == r1["val"], "the ranks disagree on the (all-reduced) validation loss"
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == len(ckpt["data"]) == 2
     assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"]), "rank 1's RNG state was not gathered"
     written = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert written == ["last.pt", "loss.png", "metrics.jsonl"], f"unexpected files in out_dir: {written}"
+    assert written == ["last.pt", "loss.png", "metrics.jsonl", "prev.pt"], f"unexpected files in out_dir: {written}"
+    assert load_checkpoint(tmp_path / "run" / "prev.pt")["step"] == 2, "prev.pt is not the step-2 checkpoint"

@@ -52,10 +52,16 @@ def _load(checkpoint: str, overrides: list[str]):
     """(model on its device, tokenizer, config, checkpoint dict, device)."""
     import torch
 
-    from .checkpoint import load_model
+    from .checkpoint import PREVIOUS, CheckpointError, load_model
     from .runtime import resolve_device
 
-    model, tokenizer, cfg, ckpt = load_model(checkpoint, parse_overrides(overrides))
+    try:
+        model, tokenizer, cfg, ckpt = load_model(checkpoint, parse_overrides(overrides))
+    except CheckpointError as error:
+        previous = Path(checkpoint).with_name(PREVIOUS)
+        if previous.exists() and previous != Path(checkpoint):
+            raise CheckpointError(f"{error}; the previous checkpoint {previous} may still be usable") from None
+        raise
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .batches import TrainSampler
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import LAST, PREVIOUS, CheckpointError, load_checkpoint, save_rotating
 from .config import DATA_KEYS, MODEL_KEYS, LMConfig
 from .data import prepare_data
 from .evaluation import evaluate
@@ -93,30 +93,42 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
-        self.ckpt_path = self.out / "last.pt"
+        self.ckpt_path = self.out / LAST
         self.step, self.train_seconds = 0, 0.0
         self.losses: dict[int, float] = {}
         self.val: dict[int, dict] = {}
         self.logger: MetricsLogger | None = None
 
     # --- setup ------------------------------------------------------------------------------
-    def _load_resume_checkpoint(self) -> dict:
+    def _load_resume_checkpoint(self) -> tuple[dict, Path]:
+        """The checkpoint to resume from and its file: last.pt, or prev.pt when last.pt is damaged."""
         cfg = self.cfg
-        if not self.ckpt_path.exists():
+        previous = self.out / PREVIOUS
+        if not self.ckpt_path.exists() and not previous.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path} (out_dir={cfg.out_dir})")
-        ckpt = load_checkpoint(self.ckpt_path)
+        source = self.ckpt_path
+        try:
+            ckpt = load_checkpoint(source)
+        except (CheckpointError, FileNotFoundError) as last_error:
+            source = previous
+            try:
+                ckpt = load_checkpoint(source)
+            except (CheckpointError, FileNotFoundError) as previous_error:
+                raise CheckpointError(f"--resume: neither checkpoint is usable: {last_error}; {previous_error}") from None
+            self.log(f"warning: --resume: {last_error}; resuming from the previous checkpoint {previous} "
+                     f"(step {ckpt['step']}) instead")
         changed = [f"{k}: {ckpt['config'][k]!r} -> {getattr(cfg, k)!r}" for k in MODEL_KEYS + DATA_KEYS
                    if ckpt["config"].get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"cannot resume {self.ckpt_path} with a different model or data: {'; '.join(changed)}")
+            raise ValueError(f"cannot resume {source} with a different model or data: {'; '.join(changed)}")
         if ckpt["world_size"] != self.ddp.world:
-            raise ValueError(f"{self.ckpt_path} was written by {ckpt['world_size']} process(es); resume it "
+            raise ValueError(f"{source} was written by {ckpt['world_size']} process(es); resume it "
                              f"with the same number (this run has {self.ddp.world})")
-        return ckpt
+        return ckpt, source
 
     def _setup(self, resume: bool) -> None:
         cfg, ddp = self.cfg, self.ddp
-        ckpt = self._load_resume_checkpoint() if resume else None
+        ckpt, source = self._load_resume_checkpoint() if resume else (None, None)
         saved_tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else None
         # rank 0 builds the token cache (and downloads the corpus); the others then read it
         data, error = None, None
@@ -150,7 +162,7 @@ class Trainer:
             set_rng_state(ckpt["rng"][ddp.rank], self.device)
             self.step, self.train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
             self.val = {int(k): v for k, v in ckpt["val"].items()}
-            self.log(f"resumed from {self.ckpt_path} at step {self.step}")
+            self.log(f"resumed from {source} at step {self.step}")
         else:
             torch.manual_seed(cfg.seed + ddp.rank)  # dropout and solver streams differ per rank
         self.wrapped = self.model
@@ -216,7 +228,7 @@ class Trainer:
             gathered = [None] * self.ddp.world
             dist.all_gather_object(gathered, mine)
         if self.ddp.main:
-            save_checkpoint(self.ckpt_path, {
+            save_rotating(self.out, {
                 "config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "train_seconds": self.train_seconds, "world_size": self.ddp.world,

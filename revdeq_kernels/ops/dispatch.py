@@ -39,18 +39,30 @@ class BackendInfo:
         return f"{self.name}: {state} ({self.reason})"
 
 
+def _not_built(extension: str) -> str | None:
+    """Why setup.py skipped an extension (recorded in _build_info.py at install), or None."""
+    try:
+        from .._build_info import SKIPPED
+    except ImportError:  # a source checkout that was never built
+        return None
+    return SKIPPED.get(extension)
+
+
 @functools.cache
-def _load_extension(module: str) -> str | None:
-    """Import a compiled extension once; return the ImportError text, or None on success."""
+def _load_extension(module: str, extension: str) -> str | None:
+    """Import a compiled extension once; return why it is missing, or None on success."""
     try:
         importlib.import_module(module)
     except ImportError as error:
+        why = _not_built(extension)
+        if why is not None:
+            return f"{module} was not built: {why}"
         return f"{module} failed to import: {error}"
     return None
 
 
 def _cpp_info() -> BackendInfo:
-    error = _load_extension("revdeq_kernels._C")
+    error = _load_extension("revdeq_kernels._C", "cpp")
     if error:
         return BackendInfo("cpp", False, f"{error}; {REINSTALL_HINT}")
     return BackendInfo("cpp", True, "compiled CPU extension revdeq_kernels._C")
@@ -58,8 +70,10 @@ def _cpp_info() -> BackendInfo:
 
 def _cuda_info() -> BackendInfo:
     if not torch.cuda.is_available():
-        return BackendInfo("cuda", False, "torch.cuda.is_available() is False")
-    error = _load_extension("revdeq_kernels._C_cuda")
+        why = _not_built("cuda")
+        return BackendInfo("cuda", False, "torch.cuda.is_available() is False" + (
+            f"; the CUDA extension was not built either: {why}" if why else ""))
+    error = _load_extension("revdeq_kernels._C_cuda", "cuda")
     if error:
         return BackendInfo("cuda", False, f"{error}; {REINSTALL_HINT}")
     return BackendInfo("cuda", True, "compiled CUDA extension revdeq_kernels._C_cuda")
