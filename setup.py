@@ -122,9 +122,9 @@ def extensions():
     if flag("REVDEQ_SKIP_CPP_BUILD") or no_compiler:
         skipped["cpp"] = "REVDEQ_SKIP_CPP_BUILD=1" if flag("REVDEQ_SKIP_CPP_BUILD") else no_compiler
     else:
-        # relax_cpu_avx2.cpp targets AVX2 by pragma and is picked at run time; no -march flag.
+        # kernels_avx2.cpp targets AVX2 by pragma and is picked at run time; no -march flag.
         # -ffp-contract=off: FMAs only where the kernels ask for one, so tails match bodies.
-        cpu = ["module.cpp", "cpu/relax_cpu.cpp", "cpu/relax_cpu_default.cpp", "cpu/relax_cpu_avx2.cpp"]
+        cpu = ["module_cpu.cpp", "cpu/kernels_default.cpp", "cpu/kernels_avx2.cpp"]
         modules.append(cpp_extension.CppExtension(
             "revdeq_kernels._C", [f"csrc/{name}" for name in cpu],
             extra_compile_args={"cxx": cxx + ["-fopenmp", "-ffp-contract=off"]},
@@ -138,7 +138,7 @@ def extensions():
         nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         nvcc += cuda_gencode_flags(os.environ.get("REVDEQ_CUDA_ARCHS", "8.0;9.0"))
         modules.append(cpp_extension.CUDAExtension(
-            "revdeq_kernels._C_cuda", ["csrc/module_cuda.cpp", "csrc/cuda/relax_cuda.cu"],
+            "revdeq_kernels._C_cuda", ["csrc/module_cuda.cpp", "csrc/cuda/kernels.cu"],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}))
     return modules, {"build_ext": cpp_extension.BuildExtension}, skipped
 

@@ -1,5 +1,5 @@
-// CPU kernel templates of the five revdeq_native ops. Included by relax_cpu_default.cpp and
-// relax_cpu_avx2.cpp, each after defining CPU_CAPABILITY (DEFAULT or AVX2): the code below
+// CPU kernel templates of the five revdeq_native ops. Included by kernels_default.cpp and
+// kernels_avx2.cpp, each after defining CPU_CAPABILITY (DEFAULT or AVX2): the code below
 // lands in revdeq::cpu::<CPU_CAPABILITY> and uses at::vec::<CPU_CAPABILITY>::Vectorized.
 //
 // Design
@@ -20,7 +20,7 @@
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY (DEFAULT or AVX2) before including relax_cpu_kernels.h"
+#error "define CPU_CAPABILITY (DEFAULT or AVX2) before including kernels_impl.h"
 #endif
 
 #include <ATen/Dispatch.h>
@@ -35,7 +35,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "relax_cpu.h"
+#include "kernels.h"
 
 namespace revdeq::cpu::CPU_CAPABILITY {
 namespace {

@@ -2,4 +2,4 @@
 // the extension's baseline flags. Selected when torch reports no AVX2 (or
 // ATEN_CPU_CAPABILITY=default).
 #define CPU_CAPABILITY DEFAULT
-#include "relax_cpu_kernels.h"
+#include "kernels_impl.h"

@@ -1,5 +1,5 @@
 // CUDA kernels of the five revdeq_native ops (the math: revdeq_kernels/ops/reference.py).
-// module_cuda.cpp checks the arguments, sets the device guard and registers the ops.
+// host_ops.h checks the arguments; module_cuda.cpp sets the device guard and registers the ops.
 //
 // Design
 // - Arithmetic in acc_t: double for a double state, else float. Every element goes through
@@ -32,7 +32,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "relax_cuda.cuh"
+#include "kernels.cuh"
 
 namespace revdeq::cuda {
 namespace {

@@ -5,7 +5,7 @@
 // compiled for AVX2: every other header that at::vec pulls in is included first, under the
 // baseline target, so no inline function shared with the rest of the extension (c10, ATen,
 // libstdc++) gets an AVX2 copy that the linker could pick for the portable path.
-#include "relax_cpu.h"
+#include "kernels.h"
 
 #if REVDEQ_CPU_HAVE_AVX2
 
@@ -43,7 +43,7 @@
 #define __F16C__ 1
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "relax_cpu_kernels.h"
+#include "kernels_impl.h"
 #undef __AVX__
 #undef __AVX2__
 #undef __FMA__

@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels of the revdeq_native ops (defined in relax_cuda.cu, called
+// Launchers of the CUDA kernels of the revdeq_native ops (defined in kernels.cu, called
 // by module_cuda.cpp). Plain C++: no CUDA syntax, so the host-side translation unit is
 // compiled by the C++ compiler alone.
 #pragma once

@@ -1,17 +1,17 @@
 // The CPU kernels, compiled once per instruction set and picked at run time.
 //
-// relax_cpu_kernels.h holds the kernel templates. relax_cpu_default.cpp compiles them for
+// kernels_impl.h holds the kernel templates. kernels_default.cpp compiles them for
 // any x86-64/ARM CPU (at::vec's portable Vectorized, auto-vectorized by the compiler);
-// relax_cpu_avx2.cpp compiles the same source with AVX2+FMA+F16C code generation and
+// kernels_avx2.cpp compiles the same source with AVX2+FMA+F16C code generation and
 // at::vec's AVX2 specializations, in their own namespace (as ATen's CPU_CAPABILITY
-// builds do). relax_cpu.cpp checks the arguments and calls the table of the ISA that
+// builds do). module_cpu.cpp registers the ops (host_ops.h checks the arguments) and calls the table of the ISA that
 // at::get_cpu_capability() reports (so ATEN_CPU_CAPABILITY=default selects the portable
 // kernels, which is how the tests cover both).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-// The AVX2 build needs GCC's `#pragma GCC target` on x86-64 (see relax_cpu_avx2.cpp).
+// The AVX2 build needs GCC's `#pragma GCC target` on x86-64 (see kernels_avx2.cpp).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define REVDEQ_CPU_HAVE_AVX2 1
 #else

@@ -1,0 +1,116 @@
+// The host side of the five revdeq_native ops, written once for every device: argument
+// checks, the aliasing rules, version-counter bumps and registration. A device supplies only
+// a policy (module_cpu.cpp, module_cuda.cpp):
+//
+//   struct Device {
+//     static constexpr c10::DeviceType kType;
+//     struct Context {                   // built from the op's first tensor once it is checked:
+//       explicit Context(const at::Tensor&);    // device guard, stream, kernel table
+//       void relax(state, f, beta, inverse) const;
+//       void residual(y, z, f, beta, sq_res, sq_f) const;
+//       void adjoint(grad, vjp, cotangent, beta, scale_after) const;
+//     };
+//   };
+//
+// The kernels then see checked tensors only: one device, supported dtypes, equal shapes,
+// contiguous (read-only inputs copied if they were not). Adding an op means one wrapper and
+// one registration line here, and one Context method per device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+
+namespace revdeq {
+
+template <class Device>
+struct HostOps {
+  using Context = typename Device::Context;
+  static constexpr c10::DeviceType kDevice = Device::kType;
+
+  static void relax_or_inverse(at::Tensor& state, const at::Tensor& f_out, double beta, bool inverse) {
+    check_written(state, "state", /*state_dtype=*/true, kDevice);
+    const Context context(state);
+    const at::Tensor f = checked_input(f_out, "f_out", false, state, "state");
+    check_beta(beta, inverse);
+    at::assert_no_partial_overlap(state, f);
+    context.relax(state, f, beta, inverse);
+    mark_written(state);
+  }
+
+  static void relax_(at::Tensor& state, const at::Tensor& f_out, double beta) {
+    relax_or_inverse(state, f_out, beta, /*inverse=*/false);
+  }
+
+  static void unrelax_(at::Tensor& state, const at::Tensor& f_out, double beta) {
+    relax_or_inverse(state, f_out, beta, /*inverse=*/true);
+  }
+
+  // The two per-sample sums, shape [B], in the accumulation dtype of z.
+  static std::tuple<at::Tensor, at::Tensor> new_sums(const at::Tensor& z) {
+    const auto options = z.options().dtype(accumulation_dtype(z.scalar_type()));
+    return {at::empty({z.size(0)}, options), at::empty({z.size(0)}, options)};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> residual_norms(const at::Tensor& z, const at::Tensor& f_out) {
+    const at::Tensor zc = checked_root(z, "z", kDevice);
+    const Context context(zc);
+    const at::Tensor f = checked_input(f_out, "f_out", false, z, "z");
+    auto sums = new_sums(zc);
+    context.residual(at::Tensor(), zc, f, 0.0, std::get<0>(sums), std::get<1>(sums));
+    return sums;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> relax_residual_(at::Tensor& y, const at::Tensor& z,
+                                                            const at::Tensor& f_out, double beta) {
+    check_written(y, "y", true, kDevice);
+    const Context context(y);
+    const at::Tensor zc = checked_input(z, "z", true, y, "y");
+    TORCH_CHECK(z.scalar_type() == y.scalar_type(), "z has dtype ", z.scalar_type(),
+                " but y has ", y.scalar_type(), "; they must match");
+    const at::Tensor f = checked_input(f_out, "f_out", false, y, "y");
+    check_beta(beta, false);
+    at::assert_no_partial_overlap(y, zc);
+    at::assert_no_partial_overlap(y, f);
+    auto sums = new_sums(zc);
+    context.residual(y, zc, f, beta, std::get<0>(sums), std::get<1>(sums));
+    mark_written(y);
+    return sums;
+  }
+
+  static void adjoint_accumulate_(at::Tensor& grad, const at::Tensor& vjp, at::Tensor& cotangent,
+                                  double beta, bool scale_after) {
+    check_written(grad, "grad", true, kDevice);
+    check_written(cotangent, "cotangent", false, kDevice);
+    TORCH_CHECK(cotangent.device() == grad.device(), "cotangent is on ", cotangent.device(),
+                " but grad is on ", grad.device());
+    TORCH_CHECK(cotangent.sizes() == grad.sizes(), "cotangent has shape ", cotangent.sizes(),
+                " but grad has ", grad.sizes());
+    const Context context(grad);
+    const at::Tensor v = checked_input(vjp, "vjp", false, grad, "grad");
+    check_beta(beta, false);
+    at::assert_no_overlap(grad, cotangent);
+    at::assert_no_partial_overlap(grad, v);
+    at::assert_no_partial_overlap(cotangent, v);
+    context.adjoint(grad, v, cotangent, beta, scale_after);
+    mark_written(grad);
+    mark_written(cotangent);
+  }
+};
+
+// Registers the five ops of `Device` into the revdeq_native namespace (inside TORCH_LIBRARY_IMPL).
+template <class Device>
+void register_ops(torch::Library& m) {
+  using Ops = HostOps<Device>;
+  m.impl("relax_", TORCH_FN(Ops::relax_));
+  m.impl("unrelax_", TORCH_FN(Ops::unrelax_));
+  m.impl("relax_residual_", TORCH_FN(Ops::relax_residual_));
+  m.impl("residual_norms", TORCH_FN(Ops::residual_norms));
+  m.impl("adjoint_accumulate_", TORCH_FN(Ops::adjoint_accumulate_));
+}
+
+}  // namespace revdeq
