@@ -13,12 +13,7 @@ import torch
 from torch import Tensor
 
 from .convergence import ConvergenceMonitor
-from .ops.reference import accumulation_dtype, residual_norms
-
-
-def relax(state: Tensor, f_out: Tensor, beta: float) -> Tensor:
-    acc = accumulation_dtype(state.dtype)
-    return ((1.0 - beta) * state.to(acc) + beta * f_out.to(acc)).to(state.dtype)
+from .ops.reference import relax, residual_norms
 
 
 def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor) -> Tensor:

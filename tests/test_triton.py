@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="the triton backend needs the triton packag
 import triton  # noqa: E402
 
 from revdeq_kernels import ops  # noqa: E402
-from revdeq_kernels.ops import reference, triton_kernels as tk  # noqa: E402
+from revdeq_kernels.ops import reference, triton_ops as tk  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 DEVICE = "cpu" if tk.INTERPRETED else "cuda"
@@ -254,7 +254,7 @@ def compile_for_sm90() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from revdeq_kernels.ops import triton_jit as tj
+    from revdeq_kernels.ops import triton_kernels as tj
 
     assert not tk.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
     tl = triton.language

@@ -171,5 +171,5 @@ def namespace_of(backend: str) -> str:
     if backend in ("cpp", "cuda"):
         return NAMESPACES["native"]
     if backend == "triton":
-        from . import triton_kernels  # noqa: F401  (registers the Triton kernels on first use)
+        from . import triton_ops  # noqa: F401  (registers the Triton kernels on first use)
     return NAMESPACES[backend]

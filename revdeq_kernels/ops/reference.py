@@ -30,10 +30,16 @@ def accumulation_dtype(state_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
-def _rows(t: Tensor) -> Tensor:
+def rows(t: Tensor) -> Tensor:
     """View as (batch, elements per sample); works for 1-D and empty tensors."""
     batch = t.shape[0]
     return t.reshape(batch, t.numel() // batch if batch else 0)
+
+
+def relax(state: Tensor, f_out: Tensor, beta: float) -> Tensor:
+    """(1-beta) state + beta f_out, out of place (for autograd), rounded once into state's dtype."""
+    acc = accumulation_dtype(state.dtype)
+    return ((1.0 - beta) * state.to(acc) + beta * f_out.to(acc)).to(state.dtype)
 
 
 def relax_(state: Tensor, f_out: Tensor, beta: float) -> None:
@@ -48,8 +54,8 @@ def unrelax_(state: Tensor, f_out: Tensor, beta: float) -> None:
 
 def residual_norms(z: Tensor, f_out: Tensor) -> tuple[Tensor, Tensor]:
     acc = accumulation_dtype(z.dtype)
-    f_rows = _rows(f_out).to(acc)
-    diff = _rows(z).to(acc) - f_rows
+    f_rows = rows(f_out).to(acc)
+    diff = rows(z).to(acc) - f_rows
     return diff.square().sum(dim=1), f_rows.square().sum(dim=1)
 
 

@@ -1,328 +1,150 @@
-"""Triton backend: launch wrappers for the kernels of ``triton_jit.py`` and their
-registration into the ``revdeq_triton`` namespace (CUDA tensors, and CPU tensors under
-``TRITON_INTERPRET=1``). Importing this module registers all five ops.
+"""The Triton kernels of the revdeq ops (launched and registered by ``triton_ops.py``).
 
-Autotuning. On GPU the block size and warp count are tuned per size bucket. The tuner
-runs every candidate config several times on the caller's tensors, and these kernels
-update in place: without care, one call would apply the update dozens of times. Every
-tuned kernel therefore lists the tensors it writes in ``restore_value``, so the tuner
-snapshots them before each trial and restores them after, and only the final launch with
-the chosen config changes the data (``tests/test_triton.py`` checks this with several
-configs under the interpreter). Under the interpreter a single config runs: tuning there
-is slow and meaningless, and large blocks keep the interpreter's per-program cost low.
+Every kernel loads its inputs, converts them to the accumulation dtype ``ACC`` (float64 for
+a float64 state, else float32), computes, and rounds once into the written dtype. beta
+arrives as a float64 scalar and is converted to ``ACC`` in the kernel, so float64 states
+see beta to the last bit. Offsets are int64: ``program_id * BLOCK`` overflows int32 past
+2^31 elements. Sums never use atomics: a row is cut into fixed chunks, each program
+writes one partial per (row, chunk), and ``sum_partials_kernel`` adds them in a fixed
+order, so the result does not depend on scheduling. ``tuning_bucket`` is not read by the
+kernels: it is the autotuning key (the size rounded to a power of two), so a new size
+reuses the tuned config of its bucket instead of benchmarking again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import statistics
-import time
-from dataclasses import dataclass
-
-import torch
-from torch import Tensor
-
-try:
-    import triton
-except ImportError as error:  # dispatch reports the backend unavailable before importing us
-    raise ImportError(f"the triton backend needs the triton package: {error}") from error
-
-from . import _library
-from .reference import accumulation_dtype
-from .triton_jit import adjoint_kernel, relax_kernel, row_sums_kernel, sum_partials_kernel
-
-# Fixed when triton_jit's kernels were decorated (TRITON_INTERPRET at that moment): setting
-# the variable later changes nothing, so ask the kernels rather than the environment.
-INTERPRETED = not isinstance(relax_kernel, triton.runtime.JITFunction)
-
-STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-F_DTYPES = STATE_DTYPES + (torch.float16,)
-_TL_ACC = {torch.float32: triton.language.float32, torch.float64: triton.language.float64}
-
-GPU_ELEMENTWISE_CONFIGS = [
-    triton.Config({"BLOCK": 1024}, num_warps=4),
-    triton.Config({"BLOCK": 2048}, num_warps=8),
-    triton.Config({"BLOCK": 4096}, num_warps=8),
-    triton.Config({"BLOCK": 8192}, num_warps=16),
-]
-# TILE: elements a row-sums program loads per iteration, as ROWS x COLS (see _row_tile).
-GPU_ROW_CONFIGS = [
-    triton.Config({"TILE": 1024}, num_warps=4),
-    triton.Config({"TILE": 2048}, num_warps=8),
-    triton.Config({"TILE": 4096}, num_warps=8),
-]
-# Columns per partial sum of a long row on GPU: a 2M-element row spreads over 128 programs.
-GPU_ROW_CHUNK = 16384
-INTERPRETER_CONFIG = triton.Config({"BLOCK": 8192}, num_warps=1)
-INTERPRETER_ROW_CONFIG = triton.Config({"TILE": 8192}, num_warps=1)
-INTERPRETER_ROW_CHUNK = 65536
-PARTIALS_BLOCK = 1024  # chunk partials a second-stage program adds per iteration
+import triton
+import triton.language as tl
 
 
-def _host_timer_bench(kernel_call, quantiles):
-    """Tuning benchmark under the interpreter (Triton's default one needs a GPU): median,
-    min and max of three wall-clock runs, in ms. Only reached when several configs are
-    given under the interpreter (the autotuning tests)."""
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        kernel_call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(times), min(times), max(times)][: len(quantiles)]
+@triton.jit
+def _float32_to_bfloat16(x):
+    # Round to nearest even on the bit pattern, NaN to the canonical quiet NaN (as torch
+    # does). Written by hand because Triton's interpreter truncates float32 -> bfloat16
+    # instead of rounding; the same code runs compiled, so CI tests the bits a GPU writes.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = bits + (0x7FFF + ((bits >> 16) & 1)).to(tl.uint32)
+    upper = tl.where(x != x, 0x7FC0, rounded >> 16)
+    return upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-# A tile of TILE elements covers COLS columns (up to the row, rounded to a power of two)
-# of ROWS rows: rows of 1..7 elements fill the tile instead of one program each.
-_row_tile = {
-    "COLS": lambda args: min(args["TILE"], triton.next_power_of_2(args["row_len"])),
-    "ROWS": lambda args: args["TILE"] // min(args["TILE"], triton.next_power_of_2(args["row_len"])),
-}
-
-
-@dataclass(frozen=True)
-class TritonKernels:
-    """The tuned launchers of one config set, and how the row sums are split."""
-
-    relax: object
-    adjoint: object
-    row_sums: object
-    row_chunk: int  # columns per partial sum of a long row
-    partials_block: int = PARTIALS_BLOCK
-
-
-def build_kernels(elementwise_configs, row_configs, row_chunk: int, *,
-                  partials_block: int = PARTIALS_BLOCK, restore_written: bool = True) -> TritonKernels:
-    """Autotuned launchers. ``restore_written=False`` exists only so the tests can show
-    that the in-place bug it prevents is real; never pass it elsewhere."""
-    do_bench = _host_timer_bench if INTERPRETED else None  # None: Triton's GPU benchmark
-
-    def tuned(kernel, configs, key, written):
-        return triton.autotune(configs=configs, key=key, do_bench=do_bench,
-                               restore_value=written if restore_written else None)(kernel)
-
-    return TritonKernels(
-        relax=tuned(relax_kernel, elementwise_configs, ["tuning_bucket", "INVERSE"], ["state_ptr"]),
-        # The cotangent is restored too: a vjp aliasing it makes it read-modify-write.
-        adjoint=tuned(adjoint_kernel, elementwise_configs, ["tuning_bucket", "SCALE_AFTER"],
-                      ["grad_ptr", "cotangent_ptr"]),
-        row_sums=tuned(triton.heuristics(_row_tile)(row_sums_kernel), row_configs,
-                       ["tuning_bucket", "UPDATE"], ["y_ptr"]),
-        row_chunk=row_chunk,
-        partials_block=partials_block,
-    )
-
-
-if INTERPRETED:
-    DEFAULT_KERNELS = build_kernels([INTERPRETER_CONFIG], [INTERPRETER_ROW_CONFIG], INTERPRETER_ROW_CHUNK)
-else:
-    DEFAULT_KERNELS = build_kernels(GPU_ELEMENTWISE_CONFIGS, GPU_ROW_CONFIGS, GPU_ROW_CHUNK)
-
-
-# ---------------------------------------------------------------------------- checks
-# The public wrappers in ops/__init__.py validate first, with friendlier messages; these
-# guard direct torch.ops calls and never let a kernel write into a temporary copy.
-
-def _check_device(t: Tensor, name: str) -> None:
-    # (The interpreter also runs CUDA tensors, by copying them to the host and back.)
-    if t.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            f"{name} is a CPU tensor, but the Triton kernels were built for the GPU: set "
-            "TRITON_INTERPRET=1 before triton and revdeq_kernels.ops.triton_kernels are imported")
-    if t.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"the triton backend runs on CUDA (or interpreted CPU) tensors; "
-                           f"{name} is on {t.device}")
-
-
-def _check_written(t: Tensor, name: str, dtypes) -> None:
-    _check_device(t, name)
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
-    if t.dim() == 0:
-        raise ValueError(f"{name} must have a batch dimension (dim >= 1), got a 0-d tensor")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} is written in place and must be contiguous "
-                         f"(shape {tuple(t.shape)}, stride {t.stride()})")
-
-
-def _read_input(t: Tensor, name: str, dtypes, like: Tensor, like_name: str) -> Tensor:
-    """A read-only input checked against ``like``; returned contiguous (maybe a copy)."""
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
-    if t.shape != like.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} has {tuple(like.shape)}")
-    return t.contiguous()
-
-
-def _byte_range(t: Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-
-
-def _check_no_overlap(written: Tensor, written_name: str, other: Tensor, other_name: str,
-                      allow_identical: bool) -> None:
-    """Both contiguous. Elementwise kernels may read and write the very same elements
-    (identical tensors); any other overlap would read values another program wrote."""
-    if written.numel() == 0 or other.numel() == 0:
-        return
-    (w0, w1), (o0, o1) = _byte_range(written), _byte_range(other)
-    if w0 >= o1 or o0 >= w1:
-        return
-    if allow_identical and w0 == o0 and written.dtype == other.dtype:
-        return
-    raise ValueError(f"{written_name} (written) and {other_name} overlap in memory; "
-                     "pass separate tensors")
-
-
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------- launches
-
-def _bucket(*sizes: int) -> int:
-    """Sizes rounded up to powers of two, as one int: the autotuning key."""
-    bucket = 0
-    for size in sizes:
-        bucket = bucket * 64 + (size - 1).bit_length()
-    return bucket
-
-
-def _scalars(beta: float) -> tuple[float, float]:
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be finite, got {beta}")
-    return 1.0 - beta, beta
-
-
-def launch_relax(state: Tensor, f_out: Tensor, beta: float, inverse: bool,
-                 kernels: TritonKernels | None = None) -> None:
-    kernels = kernels or DEFAULT_KERNELS
-    _check_written(state, "state", STATE_DTYPES)
-    f = _read_input(f_out, "f_out", F_DTYPES, state, "state")
-    if inverse and beta == 1.0:
-        raise ValueError("unrelax_ divides by 1 - beta; beta = 1 has no inverse")
-    _check_no_overlap(state, "state", f, "f_out", allow_identical=True)
-    one_minus_beta, beta = _scalars(beta)
-    n = state.numel()
-    assert state.is_contiguous(), "the kernel writes through a flat index"
-    if n:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        with _device_guard(state):
-            kernels.relax[grid](state, f, n, _bucket(n), one_minus_beta, beta, INVERSE=inverse,
-                                ACC=_TL_ACC[accumulation_dtype(state.dtype)])
-    torch.autograd.graph.increment_version(state)
-
-
-def launch_adjoint(grad: Tensor, vjp: Tensor, cotangent: Tensor, beta: float, scale_after: bool,
-                   kernels: TritonKernels | None = None) -> None:
-    kernels = kernels or DEFAULT_KERNELS
-    _check_written(grad, "grad", STATE_DTYPES)
-    _check_written(cotangent, "cotangent", F_DTYPES)
-    if cotangent.shape != grad.shape or cotangent.device != grad.device:
-        raise ValueError(f"cotangent ({tuple(cotangent.shape)} on {cotangent.device}) must match "
-                         f"grad ({tuple(grad.shape)} on {grad.device})")
-    v = _read_input(vjp, "vjp", F_DTYPES, grad, "grad")
-    _check_no_overlap(grad, "grad", cotangent, "cotangent", allow_identical=False)
-    _check_no_overlap(grad, "grad", v, "vjp", allow_identical=True)
-    _check_no_overlap(cotangent, "cotangent", v, "vjp", allow_identical=True)
-    one_minus_beta, beta = _scalars(beta)
-    n = grad.numel()
-    assert grad.is_contiguous() and cotangent.is_contiguous(), "the kernel writes through a flat index"
-    if n:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        with _device_guard(grad):
-            kernels.adjoint[grid](grad, v, cotangent, n, _bucket(n), one_minus_beta, beta,
-                                  SCALE_AFTER=bool(scale_after),
-                                  ACC=_TL_ACC[accumulation_dtype(grad.dtype)])
-    torch.autograd.graph.increment_version([grad, cotangent])
-
-
-def launch_row_sums(y: Tensor | None, z: Tensor, f_out: Tensor, beta: float,
-                    kernels: TritonKernels | None = None) -> tuple[Tensor, Tensor]:
-    """Per-row (dim 0) sums of (z - f)^2 and f^2 in the accumulation dtype; with ``y``,
-    also y <- (1-b) y + b f in the same pass."""
-    kernels = kernels or DEFAULT_KERNELS
-    if y is not None:
-        _check_written(y, "y", STATE_DTYPES)
-        z = _read_input(z, "z", (y.dtype,), y, "y")
-        f = _read_input(f_out, "f_out", F_DTYPES, y, "y")
-        _check_no_overlap(y, "y", z, "z", allow_identical=True)
-        _check_no_overlap(y, "y", f, "f_out", allow_identical=True)
+@triton.jit
+def _round_into(x, DST: tl.constexpr):
+    """x (float32 or float64) rounded into DST. float64 -> 16-bit goes through float32,
+    as torch's own conversions do, so the written bits match ``Tensor.copy_``."""
+    if DST == tl.bfloat16:
+        return _float32_to_bfloat16(x.to(tl.float32))
+    elif DST == tl.float16:
+        return x.to(tl.float32).to(tl.float16)
     else:
-        _check_device(z, "z")
-        if z.dtype not in STATE_DTYPES:
-            raise TypeError(f"z has dtype {z.dtype}; supported: {', '.join(map(str, STATE_DTYPES))}")
-        if z.dim() == 0:
-            raise ValueError("z must have a batch dimension (dim >= 1), got a 0-d tensor")
-        f = _read_input(f_out, "f_out", F_DTYPES, z, "z")
-        z = z.contiguous()
-    one_minus_beta, beta = _scalars(beta)
-    acc = accumulation_dtype(z.dtype)
-    batch = z.shape[0]
-    row_len = z.numel() // batch if batch else 0
-    if batch == 0 or row_len == 0:
-        sums = (z.new_zeros(batch, dtype=acc), z.new_zeros(batch, dtype=acc))
+        return x.to(DST)
+
+
+@triton.jit
+def _divide(numerator, denominator, ACC: tl.constexpr):
+    # A float32 "/" compiles to an approximate division (2 ulp); the inverse update must
+    # round like the reference. float64 division is always correctly rounded.
+    if ACC == tl.float32:
+        return tl.math.div_rn(numerator, denominator)
     else:
-        chunks_per_row = triton.cdiv(row_len, kernels.row_chunk)
-        partials = [z.new_empty(batch * chunks_per_row, dtype=acc) for _ in range(2)]
-        assert y is None or y.is_contiguous(), "the kernel writes through a flat index"
-        grid = lambda meta: (triton.cdiv(batch, meta["ROWS"]) * chunks_per_row,)  # noqa: E731
-        with _device_guard(z):
-            kernels.row_sums[grid](
-                z if y is None else y, z, f, partials[0], partials[1], batch, row_len, chunks_per_row,
-                _bucket(batch, row_len), one_minus_beta, beta,
-                UPDATE=y is not None, ACC=_TL_ACC[acc], CHUNK=kernels.row_chunk)
-            if chunks_per_row == 1:  # the partials are the sums: no second stage
-                sums = (partials[0], partials[1])
-            else:
-                sums = (z.new_empty(batch, dtype=acc), z.new_empty(batch, dtype=acc))
-                sum_partials_kernel[(batch,)](partials[0], partials[1], sums[0], sums[1], chunks_per_row,
-                                              BLOCK=kernels.partials_block, num_warps=4)
-    if y is not None:
-        torch.autograd.graph.increment_version(y)
-    return sums
+        return numerator / denominator
 
 
-# ---------------------------------------------------------------------------- registration
-
-def relax_(state: Tensor, f_out: Tensor, beta: float) -> None:
-    launch_relax(state, f_out, beta, inverse=False)
-
-
-def unrelax_(state: Tensor, f_out: Tensor, beta: float) -> None:
-    launch_relax(state, f_out, beta, inverse=True)
-
-
-def relax_residual_(y: Tensor, z: Tensor, f_out: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    return launch_row_sums(y, z, f_out, beta)
-
-
-def residual_norms(z: Tensor, f_out: Tensor) -> tuple[Tensor, Tensor]:
-    return launch_row_sums(None, z, f_out, 0.0)
-
-
-def adjoint_accumulate_(grad: Tensor, vjp: Tensor, cotangent: Tensor, beta: float,
-                        scale_after: bool) -> None:
-    launch_adjoint(grad, vjp, cotangent, beta, scale_after)
+@triton.jit(do_not_specialize=["tuning_bucket"])
+def relax_kernel(
+    state_ptr, f_ptr, n, tuning_bucket, one_minus_beta: tl.float64, beta: tl.float64,
+    INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """state <- (1-b) state + b f, or with INVERSE state <- (state - b f) / (1-b)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    state = tl.load(state_ptr + offsets, mask=mask).to(ACC)
+    f = tl.load(f_ptr + offsets, mask=mask).to(ACC)
+    b = tl.full([], beta, ACC)
+    keep = tl.full([], one_minus_beta, ACC)
+    if INVERSE:
+        out = _divide(state - b * f, keep, ACC)
+    else:
+        out = keep * state + b * f
+    tl.store(state_ptr + offsets, _round_into(out, state_ptr.dtype.element_ty), mask=mask)
 
 
-_IMPLEMENTATIONS = {
-    "relax_": relax_,
-    "unrelax_": unrelax_,
-    "relax_residual_": relax_residual_,
-    "residual_norms": residual_norms,
-    "adjoint_accumulate_": adjoint_accumulate_,
-}
-assert _IMPLEMENTATIONS.keys() == _library.SCHEMAS.keys(), "one Triton kernel per op schema"
+@triton.jit(do_not_specialize=["tuning_bucket"])
+def adjoint_kernel(
+    grad_ptr, vjp_ptr, cotangent_ptr, n, tuning_bucket, one_minus_beta: tl.float64, beta: tl.float64,
+    SCALE_AFTER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """SCALE_AFTER: s = g + v, g <- (1-b) s, c <- b s.  Else: g <- (1-b) g + v, c <- b g.
+    The cotangent is formed from the unrounded total, as in the reference."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC)
+    vjp = tl.load(vjp_ptr + offsets, mask=mask).to(ACC)
+    b = tl.full([], beta, ACC)
+    keep = tl.full([], one_minus_beta, ACC)
+    if SCALE_AFTER:
+        total = grad + vjp
+        new_grad = keep * total
+    else:
+        total = keep * grad + vjp
+        new_grad = total
+    tl.store(grad_ptr + offsets, _round_into(new_grad, grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(cotangent_ptr + offsets, _round_into(b * total, cotangent_ptr.dtype.element_ty), mask=mask)
 
 
-def _register() -> None:
-    lib = _library.library(_library.NAMESPACES["triton"])
-    for name, implementation in _IMPLEMENTATIONS.items():
-        for dispatch_key in ("CUDA", "CPU"):
-            lib.impl(name, implementation, dispatch_key)
+@triton.jit(do_not_specialize=["tuning_bucket"])
+def row_sums_kernel(
+    y_ptr, z_ptr, f_ptr, residual_partials_ptr, f_partials_ptr, n_rows, row_len, chunks_per_row,
+    tuning_bucket, one_minus_beta: tl.float64, beta: tl.float64,
+    UPDATE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """One program per (block of ROWS rows, chunk of CHUNK columns): partial sums of
+    (z - f)^2 and f^2, one per row; with UPDATE also y <- (1-b) y + b f from the same load
+    of f. Short rows share a program (ROWS > 1) and a long row spreads over several
+    chunks, so neither many tiny rows nor one huge row runs on a handful of programs."""
+    program = tl.program_id(0).to(tl.int64)
+    chunk = program % chunks_per_row
+    rows = (program // chunks_per_row) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    chunk_start = chunk * CHUNK
+    chunk_end = tl.minimum(chunk_start + CHUNK, row_len)
+    row_offsets = rows * row_len
+    residual_acc = tl.zeros([ROWS, COLS], dtype=ACC)
+    f_acc = tl.zeros([ROWS, COLS], dtype=ACC)
+    b = tl.full([], beta, ACC)
+    keep = tl.full([], one_minus_beta, ACC)
+    for start in range(chunk_start, chunk_end, COLS):
+        columns = start + tl.arange(0, COLS)
+        mask = row_mask[:, None] & (columns < chunk_end)[None, :]
+        offsets = row_offsets[:, None] + columns[None, :]
+        f = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        if UPDATE:
+            y = tl.load(y_ptr + offsets, mask=mask).to(ACC)
+            tl.store(y_ptr + offsets, _round_into(keep * y + b * f, y_ptr.dtype.element_ty), mask=mask)
+        diff = z - f
+        residual_acc += diff * diff
+        f_acc += f * f
+    partials = rows * chunks_per_row + chunk
+    tl.store(residual_partials_ptr + partials, tl.sum(residual_acc, axis=1), mask=row_mask)
+    tl.store(f_partials_ptr + partials, tl.sum(f_acc, axis=1), mask=row_mask)
 
 
-_register()
+@triton.jit
+def sum_partials_kernel(
+    residual_partials_ptr, f_partials_ptr, residual_out_ptr, f_out_ptr, chunks_per_row,
+    BLOCK: tl.constexpr,
+):
+    """Second stage of the row sums: one program per row adds its chunk partials, always
+    in the same order (deterministic, no atomics)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * chunks_per_row
+    lanes = tl.arange(0, BLOCK)
+    residual_acc = tl.zeros([BLOCK], dtype=residual_out_ptr.dtype.element_ty)
+    f_acc = tl.zeros([BLOCK], dtype=f_out_ptr.dtype.element_ty)
+    for start in range(0, chunks_per_row, BLOCK):
+        mask = start + lanes < chunks_per_row
+        residual_acc += tl.load(residual_partials_ptr + base + start + lanes, mask=mask, other=0.0)
+        f_acc += tl.load(f_partials_ptr + base + start + lanes, mask=mask, other=0.0)
+    tl.store(residual_out_ptr + row, tl.sum(residual_acc, axis=0))
+    tl.store(f_out_ptr + row, tl.sum(f_acc, axis=0))

@@ -22,12 +22,8 @@ import torch
 from torch import Tensor
 
 from ..convergence import ConvergenceMonitor
-from ..ops.reference import accumulation_dtype
+from ..ops.reference import accumulation_dtype, rows
 from .fixed_point import Evaluate, residual_sums
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
 
 
 def mixing_weights(residuals: Tensor, lam: float) -> Tensor:
@@ -56,8 +52,8 @@ def mixing_weights(residuals: Tensor, lam: float) -> Tensor:
 
 def anderson_step(states: list[Tensor], images: list[Tensor], beta: float, lam: float) -> Tensor:
     acc = accumulation_dtype(states[-1].dtype)
-    X = torch.stack([_rows(s).to(acc) for s in states], dim=1)
-    G = torch.stack([_rows(g).to(acc) for g in images], dim=1)
+    X = torch.stack([rows(s).to(acc) for s in states], dim=1)
+    G = torch.stack([rows(g).to(acc) for g in images], dim=1)
     alpha = mixing_weights(G - X, lam)[:, None, :]  # [B, 1, k]
     mixed = beta * (alpha @ G) + (1.0 - beta) * (alpha @ X)
     return mixed.reshape(states[-1].shape).to(states[-1].dtype)

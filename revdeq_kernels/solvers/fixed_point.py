@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import ops
 from ..convergence import ConvergenceMonitor
-from ..unrolled import relax
+from ..ops.reference import relax
 
 Evaluate = Callable[[Tensor, int], Tensor]
 

@@ -44,6 +44,13 @@ def vjps_or_zeros(out: Tensor, inputs: list[Tensor], cotangent: Tensor, retain_g
     return list(torch.autograd.grad(out, inputs, cotangent, retain_graph=retain_graph, allow_unused=True))
 
 
+def input_grads(grads: list, needs_x: bool, x: Tensor, params: list) -> list:
+    """[grad of x, *grads of params] from VJPs over ([x] if needs_x) + params, each in its input's dtype."""
+    grad_x = grads.pop(0) if needs_x else None
+    cast = [g if g is None else g.to(t.dtype) for g, t in zip(grads, params)]
+    return [None if grad_x is None else grad_x.to(x.dtype), *cast]
+
+
 class ImplicitFunction(torch.autograd.Function):
     """forward(problem, solve_forward, adjoint, adjoint_stats, x, *params) -> z*.
 
@@ -88,8 +95,4 @@ class ImplicitFunction(torch.autograd.Function):
             inputs = ([x_in] if needs_x else []) + params
             grads = vjps_or_zeros(out, inputs, u.to(out.dtype), retain_graph=False)
         problem.stats.nfe_backward = 1
-        grad_x = grads.pop(0) if needs_x else None
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
-        return (None, None, None, None, grad_x, *grad_params)
+        return (None, None, None, None, *input_grads(grads, needs_x, x, params))

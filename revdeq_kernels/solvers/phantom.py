@@ -14,8 +14,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..problem import BufferSnapshot
-from ..unrolled import relax
-from .implicit import vjps_or_zeros
+from ..ops.reference import relax
+from .implicit import input_grads, vjps_or_zeros
 
 
 def phantom_steps(problem, z_star, x, steps: int, damping: float):
@@ -51,8 +51,4 @@ class PhantomFunction(torch.autograd.Function):
             inputs = ([x_in] if needs_x else []) + params
             grads = vjps_or_zeros(out, inputs, grad_z.to(out.dtype), retain_graph=False)
         problem.stats.nfe_backward = ctx.steps
-        grad_x = grads.pop(0) if needs_x else None
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
-        return (None, None, None, None, grad_x, *grad_params)
+        return (None, None, None, None, *input_grads(grads, needs_x, x, params))
