@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import revdeq_kernels as rk  # noqa: E402
+import revdeq_kernels as rk
 
 
 class Block(nn.Module):

@@ -15,7 +15,6 @@ All solves run with tol = 0, so every method spends its whole budget at every po
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import revdeq_kernels as rk
-from revdeq_kernels.lm import Block
+from revdeq_kernels.lm.block import Block, init_weights_
 
 METHODS = ("reversible", "reversible_ck", "unrolled", "implicit", "phantom", "explicit",
            "torchdeq_ift", "torchdeq_phantom")
@@ -69,15 +68,9 @@ def torchdeq_status() -> str | None:
 
 
 def make_block(setup: Setup, depth: int) -> Block:
-    """The LM's block with the LM's initialisation: N(0, 0.02), residual projections scaled
-    by 1/sqrt(2 * depth), where depth = block evaluations on the residual path."""
+    """The LM's block with the LM's initialisation (depth = block evaluations on the residual path)."""
     block = Block(setup.width, setup.heads, int(setup.mlp_ratio * setup.width))
-    for name, p in block.named_parameters():
-        if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("proj.weight", "out.weight")) else 0.02
-            nn.init.normal_(p, 0.0, std)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
+    init_weights_(block, depth)
     return block.to(device=setup.device, dtype=setup.torch_dtype)
 
 

@@ -25,8 +25,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_methods import Setup, TrainStep, build  # noqa: E402
+from e2e_methods import Setup, TrainStep, build  # bench/ is on sys.path: this file runs as a script
 
 MB = 1024.0 * 1024.0
 MAX_ROUNDS = 100

@@ -28,7 +28,7 @@ def test_op(benchmark, op_name, mix, backend):
     state, f = _parse_mix(mix)
     case = spec.make(ELEMENTS, state, f, DEVICE, ROWS)
     if backend == "eager":
-        call = lambda: spec.eager(**case.tensors, rows=ROWS)  # noqa: E731
+        call = lambda: spec.eager(**case.tensors)  # noqa: E731
     else:
         call = spec.fused(case, backend)
 

@@ -10,10 +10,7 @@ Each suite adds its own options; `--suite X --help` lists them.
 
 import argparse
 import importlib
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SUITES = {"ops": "ops_suite", "e2e": "e2e_suite"}
 

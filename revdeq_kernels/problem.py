@@ -7,7 +7,6 @@ the same per-evaluation random stream, and the same checks on what f returns.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,41 +15,6 @@ from torch import Tensor, nn
 from .ops import STATE_DTYPES, resolve_backend
 from .rng import EvaluationRNG
 from .stats import SolverStats
-
-NONFINITE_MODES = ("raise", "warn")
-
-
-def check_beta(beta: float) -> float:
-    beta = float(beta)
-    if not (0.0 < beta < 2.0) or beta == 1.0 or not math.isfinite(beta):
-        raise ValueError(
-            f"beta must be in (0, 2) and != 1 (the inverse divides by 1 - beta), got {beta}"
-        )
-    return beta
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_checkpoint_every(checkpoint_every) -> None:
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
-                                         or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
-
-
-def check_solver_args(max_steps: int, tol: float | None, state_dtype, on_nonfinite: str):
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    tol = 0.0 if tol is None else float(tol)
-    if not tol >= 0.0:
-        raise ValueError(f"tol must be >= 0 (0 runs exactly max_steps steps), got {tol}")
-    if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise TypeError(f"state_dtype must be one of {STATE_DTYPES} or None, got {state_dtype}")
-    check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
-    return tol
-
 
 def trainable_parameters(f) -> list[Tensor]:
     if isinstance(f, nn.Module):
@@ -74,9 +38,10 @@ class BufferSnapshot:
                 buf.copy_(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
-    """One solve: f, its input injection's dtype/device, and the solver settings."""
+    """One solve: f, its input injection's dtype/device, and the validated settings
+    resolved for them (the state dtype and the backend)."""
 
     f: object
     beta: float
@@ -89,9 +54,8 @@ class Problem:
     on_nonfinite: str
     rng: EvaluationRNG
     autocast: tuple[bool, torch.dtype]
+    params: list  # the tensors the backward differentiates
     stats: SolverStats = field(default_factory=SolverStats)
-    f_out_dtype: torch.dtype | None = None
-    params: list = field(default_factory=list)  # the tensors the backward differentiates
 
     def call_f(self, state: Tensor, x: Tensor, index: int) -> Tensor:
         """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
@@ -113,7 +77,6 @@ class Problem:
             raise TypeError(f"f must return a floating-point tensor, got dtype {out.dtype}")
         if out.device != state.device:
             raise ValueError(f"f returned a tensor on {out.device} but the state is on {state.device}")
-        self.f_out_dtype = out.dtype
 
     def autocast_context(self):
         enabled, dtype = self.autocast
@@ -127,14 +90,9 @@ def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
         return False, torch.float32
 
 
-def make_problem(
-    f, x: Tensor, z0: Tensor | None, *, beta, max_steps, tol, state_dtype, backend,
-    on_nonfinite, replay_rng: bool = True,
-) -> tuple[Problem, Tensor]:
-    """Validate the inputs and build the Problem; returns it with the initial state.
-
-    ``beta`` is taken as given: what is valid depends on the solver (a reversible coupling
-    must not be 1, a damping may be), so each solver validates its own."""
+def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tuple[Problem, Tensor]:
+    """The Problem of one call and its initial state, from validated ``settings`` (a
+    SolveSettings or DEQSettings; their ``beta`` is already checked for its solver)."""
     if not callable(f):
         raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
     if not isinstance(x, Tensor):
@@ -143,8 +101,8 @@ def make_problem(
         raise ValueError("x must have a batch dimension (dim 0); got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (f computes in x's dtype), got {x.dtype}")
-    tol = check_solver_args(max_steps, tol, state_dtype, on_nonfinite)
-    state_dtype = state_dtype or (z0.dtype if z0 is not None and z0.dtype in STATE_DTYPES else x.dtype)
+    state_dtype = settings.state_dtype or (z0.dtype if isinstance(z0, Tensor) and z0.dtype in STATE_DTYPES
+                                           else x.dtype)
     if state_dtype not in STATE_DTYPES:
         raise TypeError(
             f"states are kept in {state_dtype} (x's dtype) but must be one of {STATE_DTYPES}; "
@@ -165,11 +123,11 @@ def make_problem(
         if not z0.is_floating_point():
             raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
         start = z0.detach().to(state_dtype).contiguous()
+    backend = resolve_backend(settings.backend, x.device)
     problem = Problem(
-        f=f, beta=float(beta), max_steps=max_steps, tol=tol, state_dtype=state_dtype,
-        f_dtype=x.dtype, device=x.device, backend=resolve_backend(backend, x.device),
-        on_nonfinite=on_nonfinite, rng=EvaluationRNG(x.device, enabled=replay_rng),
-        autocast=_autocast_state(x.device),
+        f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
+        f_dtype=x.dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
+        rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
+        params=params, stats=SolverStats(backend=backend),
     )
-    problem.stats.backend = problem.backend
     return problem, start

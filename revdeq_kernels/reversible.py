@@ -16,6 +16,8 @@ reconstruction. Only x, z_N, y_N (and the optional checkpoints) are saved.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -23,16 +25,15 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .convergence import ConvergenceMonitor
 from .ops.reference import accumulation_dtype
-from .problem import (BufferSnapshot, Problem, check_beta, check_checkpoint_every, check_choice,
-                      check_solver_args, make_problem, trainable_parameters)
+from .problem import BufferSnapshot, Problem, make_problem, trainable_parameters
+from .settings import SolveSettings
 from .stats import Solution, SolverStats
 from .unrolled import unrolled_solve
 
-ADJOINTS = ("reversible", "unrolled")
-
 
 def forward_iteration(problem: Problem, x: Tensor, start: Tensor, checkpoint_every: int | None):
-    """Run the iteration without a graph. Returns (y_N, z_N, {step: (y, z)} checkpoints)."""
+    """Run the iteration without a graph. Returns (y_N, z_N, {step: (y, z)} checkpoints,
+    the dtype f returns: the backward's cotangents are cast to it)."""
     b, backend = problem.beta, problem.backend
     y, z = start.clone(), start.clone()
     F = problem.call_f(z, x, 0)
@@ -57,7 +58,7 @@ def forward_iteration(problem: Problem, x: Tensor, start: Tensor, checkpoint_eve
         monitor.converged(steps, *ops.residual_norms(z, F, backend=backend))
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
-    return y, z, {k: v for k, v in checkpoints.items() if k < steps}
+    return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype
 
 
 def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
@@ -73,7 +74,7 @@ def _relative_gap(state: Tensor, truth: Tensor, scale: float) -> float:
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, checkpoint_every, x, z0, start, *params):
-        y, z, checkpoints = forward_iteration(problem, x, start, checkpoint_every)
+        y, z, checkpoints, ctx.f_out_dtype = forward_iteration(problem, x, start, checkpoint_every)
         ctx.problem = problem
         ctx.checkpoint_steps = sorted(checkpoints)
         ctx.z0_given = z0 is not None
@@ -99,7 +100,7 @@ class _ReversibleFunction(torch.autograd.Function):
         # Adjoints accumulate over every step: never narrower than float32 (bf16 states).
         gz = grad_z.to(accumulation_dtype(problem.state_dtype)).contiguous().clone()
         gy = torch.zeros_like(gz)
-        cotangent = torch.mul(gz, b).to(problem.f_out_dtype or problem.f_dtype)
+        cotangent = torch.mul(gz, b).to(ctx.f_out_dtype)
         x_in = x.detach().requires_grad_(needs_x)
         grad_x, grad_params = None, [None] * len(params)
         scale = max(float(z_final.abs().max()) if z_final.numel() else 0.0, torch.finfo(z.dtype).tiny)
@@ -152,51 +153,39 @@ class _ReversibleFunction(torch.autograd.Function):
         return (None, None, grad_x, grad_z0, None, *grad_params)
 
 
-def solve(
-    f,
-    x: Tensor,
-    z0: Tensor | None = None,
-    *,
-    beta: float = 0.8,
-    max_steps: int = 8,
-    tol: float | None = 1e-3,
-    state_dtype: torch.dtype | None = None,
-    checkpoint_every: int | None = None,
-    backend: str | None = None,
-    adjoint: str = "reversible",
-    on_nonfinite: str = "raise",
-    replay_rng: bool = True,
-    parameters=None,
-) -> Solution:
+def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | None = None,
+          parameters=None, **options) -> Solution:
     """Solve the RevDEQ fixed point of ``f(z, x)`` and return ``Solution(z, stats)``.
 
+    The settings are a ``SolveSettings``, or its fields as keywords (``beta=0.5,
+    max_steps=16``; the same as ``ReversibleDEQ``'s), or both: keywords override.
     Gradients flow to x, to z0 when it requires grad, and to the parameters of f (all of
     an nn.Module's trainable parameters, or the tensors given in ``parameters`` for a
     plain function). ``adjoint="unrolled"`` backpropagates with plain autograd through
     the same iteration (exact, memory grows with steps): the reference the reversible
     adjoint is tested against.
     """
-    check_choice("adjoint", adjoint, ADJOINTS)
-    check_checkpoint_every(checkpoint_every)
-    beta = check_beta(beta)
-    problem, start = make_problem(
-        f, x, z0, beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype,
-        backend=backend, on_nonfinite=on_nonfinite, replay_rng=replay_rng,
-    )
+    settings = settings or SolveSettings()
+    unknown = sorted(set(options) - {field.name for field in dataclasses.fields(SolveSettings)})
+    if unknown:
+        raise TypeError(f"solve() got unknown settings {unknown}; the settings are the fields of SolveSettings: "
+                        f"{', '.join(field.name for field in dataclasses.fields(SolveSettings))}")
+    if options:
+        settings = dataclasses.replace(settings, **options)
     if parameters is not None and isinstance(f, nn.Module):
         raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
     params = [p for p in parameters if p.requires_grad] if parameters is not None else trainable_parameters(f)
-    problem.params = params
-    if adjoint == "unrolled":
+    problem, start = make_problem(f, x, z0, settings, params)
+    if settings.adjoint == "unrolled":
         return Solution(unrolled_solve(problem, x, z0, start), problem.stats)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params)
     )
     if not needs_grad:
         with torch.no_grad():
-            _, z, _ = forward_iteration(problem, x, start, None)
+            z = forward_iteration(problem, x, start, None)[1]
         return Solution(z, problem.stats)
-    z = _ReversibleFunction.apply(problem, checkpoint_every, x, z0, start, *params)
+    z = _ReversibleFunction.apply(problem, settings.checkpoint_every, x, z0, start, *params)
     return Solution(z, problem.stats)
 
 
@@ -216,6 +205,8 @@ class ReversibleDEQ(nn.Module):
         backend: kernel backend for the state updates (``None`` = $REVDEQ_BACKEND or auto).
         adjoint: "reversible", or "unrolled" (autograd through every step; the reference).
         on_nonfinite: "raise" a FloatingPointError naming the step, or "warn".
+        replay_rng: give every evaluation of f its own replayed random stream (dropout).
+    The validated settings are ``self.settings`` (a frozen ``SolveSettings``).
     """
 
     def __init__(self, f, beta: float = 0.8, max_steps: int = 8, tol: float | None = 1e-3,
@@ -225,27 +216,18 @@ class ReversibleDEQ(nn.Module):
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
-        check_choice("adjoint", adjoint, ADJOINTS)
         self.f = f
-        self.beta = check_beta(beta)
-        self.tol = check_solver_args(max_steps, tol, state_dtype, on_nonfinite)
-        check_checkpoint_every(checkpoint_every)
-        self.max_steps, self.state_dtype, self.checkpoint_every = max_steps, state_dtype, checkpoint_every
-        self.backend, self.adjoint, self.on_nonfinite = backend, adjoint, on_nonfinite
-        self.replay_rng = replay_rng
+        self.settings = SolveSettings(
+            beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype, checkpoint_every=checkpoint_every,
+            backend=backend, adjoint=adjoint, on_nonfinite=on_nonfinite, replay_rng=replay_rng)
         self.last_stats: SolverStats | None = None
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
-        solution = solve(
-            self.f, x, z0, beta=self.beta, max_steps=self.max_steps, tol=self.tol,
-            state_dtype=self.state_dtype, checkpoint_every=self.checkpoint_every,
-            backend=self.backend, adjoint=self.adjoint, on_nonfinite=self.on_nonfinite,
-            replay_rng=self.replay_rng,
-        )
+        solution = solve(self.f, x, z0, settings=self.settings)
         self.last_stats = solution.stats
         return solution.z
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, max_steps={self.max_steps}, tol={self.tol}, "
-                f"state_dtype={self.state_dtype}, checkpoint_every={self.checkpoint_every}, "
-                f"adjoint={self.adjoint!r}")
+        s = self.settings
+        return (f"beta={s.beta}, max_steps={s.max_steps}, tol={s.tol}, state_dtype={s.state_dtype}, "
+                f"checkpoint_every={s.checkpoint_every}, adjoint={s.adjoint!r}")

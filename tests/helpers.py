@@ -1,10 +1,11 @@
-"""Shared test utilities: devices, backends, dtype tolerances and verbose comparisons."""
+"""Shared test utilities: devices, backends, the test block f, dtype tolerances and verbose comparisons."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+from torch import nn
 
 from revdeq_kernels import ops
 
@@ -32,6 +33,26 @@ def backend_device_pairs() -> list[tuple[str, str]]:
 
 def pair_id(pair) -> str:
     return f"{pair[0]}-{pair[1]}"
+
+
+class TanhBlock(nn.Module):
+    """The tests' f(z, x) = tanh(norm(W z + U x)), with parameters, input injection and
+    optional dropout/BatchNorm. ``contraction=c`` scales W to spectral norm c: a unique
+    fixed point that the iteration approaches by a factor of about c per step."""
+
+    def __init__(self, width: int = 6, dropout: float = 0.0, batchnorm: bool = False,
+                 contraction: float | None = None):
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+        self.inject = nn.Linear(width, width, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
+        if contraction is not None:
+            with torch.no_grad():
+                self.mix.weight.mul_(contraction / torch.linalg.matrix_norm(self.mix.weight, 2))
+
+    def forward(self, z, x):
+        return self.drop(torch.tanh(self.norm(self.mix(z) + self.inject(x))))
 
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}

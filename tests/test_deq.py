@@ -8,32 +8,22 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import revdeq_kernels as rk
 from revdeq_kernels.solvers import mixing_weights
-from tests.helpers import backend_device_pairs, pair_id, relative_error
+from tests.helpers import TanhBlock, backend_device_pairs, pair_id, relative_error
 
 F64 = torch.float64
 
 
-class Contractive(nn.Module):
-    """tanh(W z + U x) with ||W||_2 = 0.5: a unique fixed point, iteration contracts by 2x."""
-
-    def __init__(self, width: int = 6):
-        super().__init__()
-        self.mix = nn.Linear(width, width)
-        self.inject = nn.Linear(width, width, bias=False)
-        with torch.no_grad():
-            self.mix.weight.mul_(0.5 / torch.linalg.matrix_norm(self.mix.weight, 2))
-
-    def forward(self, z, x):
-        return torch.tanh(self.mix(z) + self.inject(x))
+def contractive(width: int = 6) -> TanhBlock:
+    """||W||_2 = 0.5: a unique fixed point, and the iteration contracts by about 2x per step."""
+    return TanhBlock(width, contraction=0.5)
 
 
 def setup(seed: int = 0, batch: int = 3, width: int = 6):
     torch.manual_seed(seed)
-    f = Contractive(width).to(F64)
+    f = contractive(width).to(F64)
     x = torch.randn(batch, width, dtype=F64, requires_grad=True)
     return f, x
 
@@ -200,7 +190,7 @@ def test_no_grad_saves_nothing_and_matches_the_graph_forward():
 def test_fused_backends_match_torch(pair):
     backend, device = pair
     torch.manual_seed(0)
-    f = Contractive(8).to(device)
+    f = contractive(8).to(device)
     x = torch.randn(4, 8, device=device)
     settings = dict(solver="fixed_point", adjoint="implicit", max_steps=6, tol=0, beta=0.7)
     want = rk.DEQ(f, backend="torch", **settings)(x).detach()
@@ -241,11 +231,11 @@ def test_fused_backends_match_torch(pair):
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_settings_raise_a_clear_error(settings, message):
     with pytest.raises(ValueError, match=message):
-        rk.DEQ(Contractive(), **settings)
+        rk.DEQ(contractive(), **settings)
 
 
 def test_bad_inputs_raise_a_clear_error():
-    deq = rk.DEQ(Contractive(6), solver="fixed_point", adjoint="implicit", backend="torch")
+    deq = rk.DEQ(contractive(6), solver="fixed_point", adjoint="implicit", backend="torch")
     with pytest.raises(TypeError, match="f must be callable"):
         rk.DEQ(3)
     with pytest.raises(ValueError, match="share the batch dimension"):
@@ -263,3 +253,13 @@ def test_nonfinite_adjoint_names_the_backward_pass():
     assert torch.isfinite(z).all()
     with pytest.raises(FloatingPointError, match="implicit adjoint \\(backward pass\\)"):
         z.sum().backward()
+
+
+def test_settings_fill_the_defaults_of_the_choice_and_leave_the_rest_none():
+    s = rk.DEQ(contractive(), solver="fixed_point", adjoint="phantom", beta=0.7).settings
+    assert (s.max_steps, s.beta, s.phantom_steps, s.phantom_beta) == (30, 0.7, 5, 0.7)
+    assert s.backward_solver is s.backward_beta is s.m is s.lam is None
+    s = rk.DEQ(contractive(), solver="reversible", adjoint="implicit").settings
+    assert (s.max_steps, s.beta, s.backward_solver, s.backward_beta) == (8, 0.8, "fixed_point", 1.0)
+    own = rk.DEQ(contractive(), solver="reversible", adjoint="reversible", beta=0.6).settings.reversible_solve()
+    assert own == rk.SolveSettings(beta=0.6, max_steps=8, tol=1e-3)

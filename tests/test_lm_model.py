@@ -72,7 +72,7 @@ def test_causal_earlier_logits_ignore_later_tokens(method):
 def test_float64_states_and_position_limit():
     model = TransformerLM(model_config(state_dtype="float64"))
     logits = model(torch.randint(0, 50, (2, 5)))
-    assert logits.dtype == torch.float32 and model.deq.state_dtype == torch.float64
+    assert logits.dtype == torch.float32 and model.deq.settings.state_dtype == torch.float64
     with pytest.raises(ValueError, match="exceed seq_len=12"):
         model(torch.randint(0, 50, (1, 13)))
 

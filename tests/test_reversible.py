@@ -3,26 +3,13 @@ randomness, and every documented error."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from torch import nn
 
 import revdeq_kernels as rk
-from tests.helpers import backend_device_pairs, pair_id, relative_error
-
-
-class Block(nn.Module):
-    """A small f(z, x) with parameters, input injection and optional dropout/BatchNorm."""
-
-    def __init__(self, width: int = 6, dropout: float = 0.0, batchnorm: bool = False):
-        super().__init__()
-        self.mix = nn.Linear(width, width)
-        self.inject = nn.Linear(width, width, bias=False)
-        self.drop = nn.Dropout(dropout)
-        self.norm = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
-
-    def forward(self, z, x):
-        return self.drop(torch.tanh(self.norm(self.mix(z) + self.inject(x))))
+from tests.helpers import TanhBlock as Block, backend_device_pairs, pair_id, relative_error
 
 
 def run(adjoint, beta, steps, *, dtype=torch.float64, dropout=0.0, checkpoint_every=None,
@@ -83,7 +70,7 @@ def test_checkpoints_bound_the_drift():
     assert ck_sol.reconstruction_error < plain_sol.reconstruction_error
 
 
-def saved_bytes(steps: int, checkpoint_every=None, grad=True) -> int:
+def saved_bytes(steps: int, checkpoint_every=None, grad=True, adjoint="reversible") -> int:
     total = 0
 
     def pack(t):
@@ -96,7 +83,8 @@ def saved_bytes(steps: int, checkpoint_every=None, grad=True) -> int:
     x = torch.randn(8, 16, requires_grad=grad)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.set_grad_enabled(grad):
-            rk.solve(f, x, beta=0.5, max_steps=steps, tol=0, backend="torch", checkpoint_every=checkpoint_every)
+            rk.solve(f, x, beta=0.5, max_steps=steps, tol=0, backend="torch", checkpoint_every=checkpoint_every,
+                     adjoint=adjoint)
     return total
 
 
@@ -107,20 +95,7 @@ def test_saved_memory_is_flat_in_steps():
     assert small == 3 * state, f"expected x, z_N, y_N ({3 * state} bytes), saved {small}"
     # Checkpoints cost two states each, every K steps.
     assert saved_bytes(64, checkpoint_every=16) == small + 3 * 2 * state
-    unrolled_growth = []
-    for steps in (4, 8):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        torch.manual_seed(0)
-        f, x = Block(16), torch.randn(8, 16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            rk.solve(f, x, beta=0.5, max_steps=steps, tol=0, adjoint="unrolled", backend="torch")
-        unrolled_growth.append(total)
+    unrolled_growth = [saved_bytes(steps, adjoint="unrolled") for steps in (4, 8)]
     assert unrolled_growth[1] > unrolled_growth[0], "the unrolled baseline should save more with more steps"
 
 
@@ -347,3 +322,29 @@ def test_bfloat16_states_run_and_stay_close():
     assert sol.z.dtype == torch.bfloat16 and torch.isfinite(got).all()
     err = relative_error(got, want)
     assert err <= 1e-2, f"bf16 states, 2 steps: gradient error {err:.3g} (measured ~1e-3)"
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_are_validated_once_and_frozen():
+    deq = rk.ReversibleDEQ(Block(), beta=0.5, max_steps=3, tol=None)
+    assert deq.settings == rk.SolveSettings(beta=0.5, max_steps=3, tol=0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        deq.settings.beta = 1.0
+    with pytest.raises(ValueError, match="beta must be in \\(0, 2\\) and != 1"):
+        dataclasses.replace(deq.settings, beta=1.0)  # replacing validates again
+
+
+def test_solve_takes_settings_and_keyword_overrides():
+    torch.manual_seed(0)
+    f, x = Block(6).double(), torch.randn(4, 6, dtype=torch.float64)
+    settings = rk.SolveSettings(beta=0.5, max_steps=3, tol=0, backend="torch")
+    by_object = rk.solve(f, x, settings=settings)
+    by_keywords = rk.solve(f, x, beta=0.5, max_steps=3, tol=0, backend="torch")
+    assert torch.equal(by_object.z, by_keywords.z) and by_object.steps == 3
+    assert rk.solve(f, x, settings=settings, max_steps=5).steps == 5
+    with pytest.raises(TypeError, match="solve\\(\\) got unknown settings \\['max_iters'\\]"):
+        rk.solve(f, x, settings=settings, max_iters=5)
+    with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
+        rk.solve(f, x, settings=settings, max_steps=0)

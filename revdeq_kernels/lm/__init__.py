@@ -7,18 +7,18 @@ solved by the reversible DEQ of the core (``revdeq_kernels.ReversibleDEQ``).
 Command line: ``revdeq-train``, ``revdeq-eval``, ``revdeq-generate`` (see ``cli.py``).
 """
 
-from .block import Block, KVCache
+from .block import Block, KVCache  # noqa: F401  (importable, not advertised in __all__)
 from .checkpoint import load_model
-from .config import ConfigError, LMConfig, load_config, parse_overrides, preset_names, valid_keys
+from .config import ConfigError, LMConfig, load_config, parse_overrides, preset_names, valid_keys  # noqa: F401
 from .data import prepare_data
 from .evaluation import evaluate
-from .generation import Generation, cache_parity, generate, sample_token
+from .generation import Generation, cache_parity, generate, sample_token  # noqa: F401
 from .model import TransformerLM
 from .sources import DataUnavailable
 from .training import TrainResult, train
 
+# What users call; the rest (KVCache, parse_overrides, sample_token, ...) stays importable.
 __all__ = [
-    "Block", "KVCache", "ConfigError", "LMConfig", "load_config", "parse_overrides", "preset_names",
-    "valid_keys", "DataUnavailable", "prepare_data", "TransformerLM", "TrainResult", "train", "evaluate",
-    "load_model", "Generation", "generate", "cache_parity", "sample_token",
+    "LMConfig", "ConfigError", "load_config", "TransformerLM", "Block", "train", "TrainResult",
+    "evaluate", "generate", "Generation", "load_model", "prepare_data", "DataUnavailable",
 ]

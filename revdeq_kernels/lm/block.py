@@ -15,9 +15,24 @@ keys/values the new positions expose, to be appended to the cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def init_weights_(module: nn.Module, residual_depth: int) -> None:
+    """GPT-2's initialisation, in place: N(0, 0.02) for every matrix, zero biases, and the
+    residual branches' output projections scaled by 1/sqrt(2 * residual_depth), where
+    residual_depth counts the block evaluations on the residual path (so the residual
+    stream's variance does not grow with depth)."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * residual_depth) if name.endswith(("proj.weight", "out.weight")) else 0.02
+            nn.init.normal_(p, 0.0, std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
 
 
 class KVCache:

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..settings import SettingError, SolveSettings
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("reversible", "unrolled", "explicit")
 DATASETS = ("shakespeare", "files", "wikitext-2", "wikitext-103")
@@ -90,7 +92,7 @@ class LMConfig:
             if not ok:
                 raise ConfigError(f"config key {key}={getattr(self, key)!r}: {what}")
 
-        for key in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "max_steps",
+        for key in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers",
                     "batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("max_iters", "warmup_iters", "eval_batches", "threads"):
@@ -99,8 +101,10 @@ class LMConfig:
         need(int(self.mlp_ratio * self.d_model) >= 1, "mlp_ratio", "must give an MLP width >= 1")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
-        need(0.0 < self.beta < 2.0 and self.beta != 1.0, "beta", "must be in (0, 2) and != 1")
-        need(self.tol >= 0.0, "tol", "must be >= 0 (0 always runs max_steps)")
+        try:  # the solver's own validation, so that the config accepts exactly what the solver does
+            SolveSettings(beta=self.beta, max_steps=self.max_steps, tol=self.tol)
+        except SettingError as error:
+            need(False, error.name, error.reason)
         need(self.state_dtype in STATE_DTYPES + (None,), "state_dtype",
              f"must be one of {', '.join(STATE_DTYPES)} or null")
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")

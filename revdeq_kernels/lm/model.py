@@ -13,7 +13,6 @@ Only the public core API is used: ``rk.ReversibleDEQ`` and ``rk.solve``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 import revdeq_kernels as rk
 
-from .block import Block, CachedSolveBlock, KVCache
+from .block import Block, CachedSolveBlock, KVCache, init_weights_
 from .config import LMConfig
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -63,15 +62,8 @@ class TransformerLM(nn.Module):
         return self.cfg.method in ("reversible", "unrolled")
 
     def _init_weights(self) -> None:
-        # GPT-2 style: N(0, 0.02), residual output projections scaled by the depth
-        # (block evaluations on the residual path: 2 per DEQ step, 1 per explicit layer).
-        depth = 2 * self.cfg.max_steps if self.is_deq else self.cfg.n_layers
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("proj.weight", "out.weight")) else 0.02
-                nn.init.normal_(p, 0.0, std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        # Block evaluations on the residual path: 2 per DEQ step, 1 per explicit layer.
+        init_weights_(self, 2 * self.cfg.max_steps if self.is_deq else self.cfg.n_layers)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -111,7 +103,7 @@ class TransformerLM(nn.Module):
     def new_caches(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
         """Empty caches: one per explicit layer, or one with a level per DEQ evaluation."""
         heads, head_dim = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-        levels, count = (1 + 2 * self.deq.max_steps, 1) if self.is_deq else (1, len(self.blocks))
+        levels, count = (1 + 2 * self.deq.settings.max_steps, 1) if self.is_deq else (1, len(self.blocks))
         return [KVCache(levels, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device)
                 for _ in range(count)]
 
@@ -139,8 +131,7 @@ class TransformerLM(nn.Module):
         keys/values are appended to the caches."""
         if self.is_deq:
             f = CachedSolveBlock(self.deq.f, caches[0])
-            solution = rk.solve(f, x, beta=self.deq.beta, max_steps=self.deq.max_steps, tol=self.deq.tol,
-                                state_dtype=self.deq.state_dtype, backend=self.deq.backend)
+            solution = rk.solve(f, x, settings=self.deq.settings, on_nonfinite="raise")
             self.last_stats = solution.stats
             caches[0].append(f.recorded)
             return solution.z.to(x.dtype)

@@ -1,9 +1,10 @@
 """Pure-PyTorch reference for the RevDEQ state updates.
 
-This file is the truth: the ``torch`` backend runs these functions, every fused
-kernel is tested against them (evaluated on float64 copies of the inputs), and the
-benchmarks use them as the eager baseline. They are written for readability, not
-speed: upcast to the accumulation dtype, compute, cast back into the written tensor.
+This file is the truth: the ``torch`` backend runs these functions, tests/test_ops.py
+checks every fused kernel against them (evaluated on float64 copies of the inputs), the
+unrolled solver and the solvers' out-of-place steps use ``relax``, and the ops benchmark
+times them as its ``torch`` backend. They are written for readability, not speed:
+upcast to the accumulation dtype, compute, cast back into the written tensor.
 
 Accumulation dtype: float64 when the state is float64, float32 otherwise. The
 per-sample statistics are returned in that dtype.

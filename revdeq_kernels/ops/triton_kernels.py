@@ -50,18 +50,24 @@ def _divide(numerator, denominator, ACC: tl.constexpr):
         return numerator / denominator
 
 
+@triton.jit
+def _load_block(a_ptr, b_ptr, n, one_minus_beta, beta, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of the two elementwise inputs, in ACC, with its offsets (int64),
+    mask and the coefficients 1-b and b cast to ACC."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    a = tl.load(a_ptr + offsets, mask=mask).to(ACC)
+    b = tl.load(b_ptr + offsets, mask=mask).to(ACC)
+    return offsets, mask, a, b, tl.full([], one_minus_beta, ACC), tl.full([], beta, ACC)
+
+
 @triton.jit(do_not_specialize=["tuning_bucket"])
 def relax_kernel(
     state_ptr, f_ptr, n, tuning_bucket, one_minus_beta: tl.float64, beta: tl.float64,
     INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """state <- (1-b) state + b f, or with INVERSE state <- (state - b f) / (1-b)."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    state = tl.load(state_ptr + offsets, mask=mask).to(ACC)
-    f = tl.load(f_ptr + offsets, mask=mask).to(ACC)
-    b = tl.full([], beta, ACC)
-    keep = tl.full([], one_minus_beta, ACC)
+    offsets, mask, state, f, keep, b = _load_block(state_ptr, f_ptr, n, one_minus_beta, beta, ACC, BLOCK)
     if INVERSE:
         out = _divide(state - b * f, keep, ACC)
     else:
@@ -76,12 +82,7 @@ def adjoint_kernel(
 ):
     """SCALE_AFTER: s = g + v, g <- (1-b) s, c <- b s.  Else: g <- (1-b) g + v, c <- b g.
     The cotangent is formed from the unrounded total, as in the reference."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC)
-    vjp = tl.load(vjp_ptr + offsets, mask=mask).to(ACC)
-    b = tl.full([], beta, ACC)
-    keep = tl.full([], one_minus_beta, ACC)
+    offsets, mask, grad, vjp, keep, b = _load_block(grad_ptr, vjp_ptr, n, one_minus_beta, beta, ACC, BLOCK)
     if SCALE_AFTER:
         total = grad + vjp
         new_grad = keep * total

@@ -1,0 +1,206 @@
+"""The settings of a solve, each validated here and nowhere else.
+
+``SolveSettings`` is what ``ReversibleDEQ`` and ``solve`` run; ``DEQSettings`` is what
+``DEQ`` runs: the classic solvers and adjoints, with their defaults filled in and the
+settings a choice does not use rejected. Both are frozen, so what a module runs is what
+was validated when it was built; change one with ``dataclasses.replace``, which
+validates again. ``Problem`` (problem.py) reads them, the solvers read ``Problem``, and
+the LM config validates its solver keys by building a ``SolveSettings``.
+
+The backend name is checked where it is resolved for a device (``ops.resolve_backend``),
+since what is valid depends on the device and on ``$REVDEQ_BACKEND`` at call time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .ops import STATE_DTYPES
+
+NONFINITE_MODES = ("raise", "warn")
+REVERSIBLE_ADJOINTS = ("reversible", "unrolled")
+ITERATIVE_SOLVERS = ("fixed_point", "anderson")
+SOLVERS = ITERATIVE_SOLVERS + ("reversible",)
+DEQ_ADJOINTS = ("unrolled", "implicit", "phantom", "reversible")
+DEFAULT_MAX_STEPS = {"fixed_point": 30, "anderson": 30, "reversible": 8}
+DEFAULT_BETA = {"fixed_point": 1.0, "anderson": 1.0, "reversible": 0.8}
+DEFAULT_M, DEFAULT_LAM, DEFAULT_PHANTOM_STEPS = 5, 1e-4, 5
+
+
+class SettingError(ValueError):
+    """A setting out of range; ``name`` is the setting, ``reason`` what it must be."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name} {reason}")
+        self.name, self.reason = name, reason
+
+
+def coupling(name: str, value) -> float:
+    value = float(value)
+    if not (0.0 < value < 2.0) or value == 1.0 or not math.isfinite(value):
+        raise SettingError(name, f"must be in (0, 2) and != 1 (the inverse divides by 1 - {name}), got {value}")
+    return value
+
+
+def damping(name: str, value) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise SettingError(name, f"is a damping and must be in (0, 1], got {value}")
+    return value
+
+
+def count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(name, f"must be an int >= 1, got {value!r}")
+    return value
+
+
+def tolerance(name: str, value) -> float:
+    value = 0.0 if value is None else float(value)
+    if not value >= 0.0:
+        raise SettingError(name, f"must be >= 0 (0 runs exactly the maximum number of steps), got {value}")
+    return value
+
+
+def choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise SettingError(name, f"must be one of {tuple(choices)}, got {value!r}")
+
+
+def _state_dtype(value) -> None:
+    if value is not None and value not in STATE_DTYPES:
+        raise TypeError(f"state_dtype must be one of {STATE_DTYPES} or None, got {value}")
+
+
+def _checkpoint_every(value) -> None:
+    if value is not None:
+        count("checkpoint_every", value)
+
+
+def _reject_unused(names: dict, user: str) -> None:
+    given = [name for name, value in names.items() if value is not None]
+    if given:
+        raise SettingError(", ".join(given), f"{'is' if len(given) == 1 else 'are'} not used {user}")
+
+
+class _Frozen:
+    def _set(self, **values) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True)
+class SolveSettings(_Frozen):
+    """The reversible iteration: coupling ``beta`` in (0, 2), != 1; see ``ReversibleDEQ``."""
+
+    beta: float = 0.8
+    max_steps: int = 8
+    tol: float | None = 1e-3
+    state_dtype: torch.dtype | None = None
+    checkpoint_every: int | None = None
+    backend: str | None = None
+    adjoint: str = "reversible"
+    on_nonfinite: str = "raise"
+    replay_rng: bool = True
+
+    def __post_init__(self):
+        choice("adjoint", self.adjoint, REVERSIBLE_ADJOINTS)
+        choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
+        _state_dtype(self.state_dtype)
+        _checkpoint_every(self.checkpoint_every)
+        self._set(beta=coupling("beta", self.beta), max_steps=count("max_steps", self.max_steps),
+                  tol=tolerance("tol", self.tol), replay_rng=bool(self.replay_rng))
+
+
+@dataclass(frozen=True)
+class DEQSettings(_Frozen):
+    """A ``DEQ``'s solver and adjoint; ``None`` means the default for the choice made
+    (and stays ``None`` for the settings that choice does not use)."""
+
+    solver: str = "anderson"
+    adjoint: str = "implicit"
+    max_steps: int | None = None
+    tol: float | None = 1e-3
+    beta: float | None = None
+    m: int | None = None
+    lam: float | None = None
+    backward_solver: str | None = None
+    backward_max_steps: int | None = None
+    backward_tol: float | None = None
+    backward_beta: float | None = None
+    phantom_steps: int | None = None
+    phantom_beta: float | None = None
+    checkpoint_every: int | None = None
+    state_dtype: torch.dtype | None = None
+    backend: str | None = None
+    on_nonfinite: str = "raise"
+    replay_rng: bool = True
+
+    def __post_init__(self):
+        solver, adjoint = self.solver, self.adjoint
+        choice("solver", solver, SOLVERS)
+        choice("adjoint", adjoint, DEQ_ADJOINTS)
+        if adjoint == "reversible" and solver != "reversible":
+            raise SettingError(
+                "adjoint='reversible'",
+                f"reconstructs the states of the reversible iteration and needs solver='reversible', got "
+                f"solver={solver!r}; use adjoint in {tuple(a for a in DEQ_ADJOINTS if a != 'reversible')} "
+                "with this solver")
+        choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
+        _state_dtype(self.state_dtype)
+        max_steps = count("max_steps", DEFAULT_MAX_STEPS[solver] if self.max_steps is None else self.max_steps)
+        tol = tolerance("tol", self.tol)
+        beta = DEFAULT_BETA[solver] if self.beta is None else self.beta
+        beta = coupling("beta", beta) if solver == "reversible" else damping("beta", beta)
+        self._set(max_steps=max_steps, tol=tol, beta=beta, replay_rng=bool(self.replay_rng))
+        adjoint_damping = 1.0 if solver == "reversible" else beta
+
+        backward = dict(backward_solver=self.backward_solver, backward_max_steps=self.backward_max_steps,
+                        backward_tol=self.backward_tol, backward_beta=self.backward_beta)
+        if adjoint != "implicit":
+            _reject_unused(backward, f"by adjoint={adjoint!r} (only by 'implicit')")
+        else:
+            backward_solver = self.backward_solver or "fixed_point"
+            choice("backward_solver", backward_solver, ITERATIVE_SOLVERS)
+            self._set(
+                backward_solver=backward_solver,
+                backward_max_steps=count("backward_max_steps", max_steps if self.backward_max_steps is None
+                                         else self.backward_max_steps),
+                backward_tol=tol if self.backward_tol is None else tolerance("backward_tol", self.backward_tol),
+                backward_beta=damping("backward_beta", adjoint_damping if self.backward_beta is None
+                                      else self.backward_beta))
+
+        phantom = dict(phantom_steps=self.phantom_steps, phantom_beta=self.phantom_beta)
+        if adjoint != "phantom":
+            _reject_unused(phantom, f"by adjoint={adjoint!r} (only by 'phantom')")
+        else:
+            self._set(
+                phantom_steps=count("phantom_steps", DEFAULT_PHANTOM_STEPS if self.phantom_steps is None
+                                    else self.phantom_steps),
+                phantom_beta=damping("phantom_beta", adjoint_damping if self.phantom_beta is None
+                                     else self.phantom_beta))
+
+        if "anderson" not in (solver, self.backward_solver):
+            _reject_unused(dict(m=self.m, lam=self.lam), f"by solver={solver!r}"
+                           + (f" and backward_solver={self.backward_solver!r}" if self.backward_solver else "")
+                           + " (only by 'anderson')")
+        else:
+            lam = float(DEFAULT_LAM if self.lam is None else self.lam)
+            if not (math.isfinite(lam) and lam >= 0.0):
+                raise SettingError("lam (Anderson regularisation)", f"must be finite and >= 0, got {lam}")
+            self._set(m=count("m (Anderson window)", DEFAULT_M if self.m is None else self.m), lam=lam)
+
+        if adjoint != "reversible":
+            _reject_unused(dict(checkpoint_every=self.checkpoint_every),
+                           f"by adjoint={adjoint!r} (only by 'reversible')")
+        _checkpoint_every(self.checkpoint_every)
+
+    def reversible_solve(self) -> SolveSettings:
+        """The settings of ``solve`` for solver='reversible' with its own adjoints."""
+        return SolveSettings(
+            beta=self.beta, max_steps=self.max_steps, tol=self.tol, state_dtype=self.state_dtype,
+            checkpoint_every=self.checkpoint_every, backend=self.backend, adjoint=self.adjoint,
+            on_nonfinite=self.on_nonfinite, replay_rng=self.replay_rng)
