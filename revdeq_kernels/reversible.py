@@ -166,11 +166,12 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
     adjoint is tested against.
     """
     settings = settings or SolveSettings()
-    unknown = sorted(set(options) - {field.name for field in dataclasses.fields(SolveSettings)})
-    if unknown:
-        raise TypeError(f"solve() got unknown settings {unknown}; the settings are the fields of SolveSettings: "
-                        f"{', '.join(field.name for field in dataclasses.fields(SolveSettings))}")
     if options:
+        names = [field.name for field in dataclasses.fields(SolveSettings)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"solve() got unknown settings {unknown}; the settings are the fields of "
+                            f"SolveSettings: {', '.join(names)}")
         settings = dataclasses.replace(settings, **options)
     if parameters is not None and isinstance(f, nn.Module):
         raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
