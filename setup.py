@@ -138,7 +138,7 @@ def extensions():
         nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         nvcc += cuda_gencode_flags(os.environ.get("REVDEQ_CUDA_ARCHS", "8.0;9.0"))
         modules.append(cpp_extension.CUDAExtension(
-            "revdeq_kernels._C_cuda", ["csrc/module_cuda.cpp", "csrc/cuda/kernels.cu"],
+            "revdeq_kernels._C_cuda", ["csrc/module_cuda.cpp", "csrc/cuda/kernels.cu", "csrc/cuda/exact.cu"],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}))
     return modules, {"build_ext": cpp_extension.BuildExtension}, skipped
 

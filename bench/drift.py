@@ -1,9 +1,13 @@
 """Reconstruction drift of the reversible backward, measured.
 
 `python bench/drift.py [--json PATH]` prints, for float64 and float32 states, several
-beta and step counts, with and without checkpoints: the relative gradient error against
-autograd through the unrolled iteration (same weights, same inputs, same dtype) and the
-reconstruction error the backward reports (how far the rebuilt start lands from the truth).
+beta and step counts, for the float reversal (with and without checkpoints) and the exact
+one: the relative gradient error against autograd through the unrolled iteration (same
+weights, same inputs, same dtype) and the reconstruction error the backward reports (how
+far the rebuilt start lands from the truth; NaN when it is not finite).
+
+Two blocks: ``tanh`` (the README quick start's, contractive) and ``residual`` (z + 0.5
+MLP(LN(z + Wx)), the language model's shape: expansive, where a float reversal drifts).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import json
 import platform
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -28,13 +33,28 @@ class Block(nn.Module):
         return torch.tanh(self.mix(z) + self.inject(x))
 
 
-def gradients(adjoint, dtype, beta, steps, checkpoint_every, width=32, batch=8):
+class ResidualBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.inject, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, z, x):
+        return z + 0.5 * self.mlp(self.norm(z + self.inject(x)))
+
+
+BLOCKS = {"tanh": Block, "residual": ResidualBlock}
+
+
+def gradients(block, dtype, beta, steps, width=32, batch=8, **settings):
     torch.manual_seed(0)
-    f = Block(width).to(dtype)
+    f = BLOCKS[block](width).to(dtype)
     x = torch.randn(batch, width, dtype=dtype, requires_grad=True)
-    sol = rk.solve(f, x, beta=beta, max_steps=steps, tol=0, adjoint=adjoint,
-                   checkpoint_every=checkpoint_every, backend="torch")
-    sol.z.double().square().sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the drift warning: this table is the measurement
+        on_nonfinite = "raise" if settings.get("reversal") == "exact" else "warn"  # float: NaN rows, not errors
+        sol = rk.solve(f, x, beta=beta, max_steps=steps, tol=0, on_nonfinite=on_nonfinite, **settings)
+        sol.z.double().square().sum().backward()
     grads = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in f.parameters()]).double()
     return grads, sol.reconstruction_error
 
@@ -42,28 +62,35 @@ def gradients(adjoint, dtype, beta, steps, checkpoint_every, width=32, batch=8):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--betas", default="0.5,0.8", help="comma-separated")
-    parser.add_argument("--steps", default="4,8,16,32", help="comma-separated")
+    parser.add_argument("--steps", default="4,8,16,32,64,128", help="comma-separated")
     parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--blocks", default="tanh,residual", help="comma-separated: tanh, residual")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
     print(f"# drift: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, tanh(Wz + Ux) width 32, batch 8, loss sum z^2")
-    print("| states | beta | steps | checkpoints | grad rel. error vs unrolled | reconstruction error |")
-    print("|---|---|---|---|---|---|")
-    for dtype in (torch.float64, torch.float32):
-        for beta in map(float, args.betas.split(",")):
-            for steps in map(int, args.steps.split(",")):
-                truth, _ = gradients("unrolled", dtype, beta, steps, None)
-                for ck in (None, args.checkpoint_every):
-                    if ck is not None and ck >= steps:
-                        continue
-                    got, recon = gradients("reversible", dtype, beta, steps, ck)
-                    err = float((got - truth).norm() / truth.norm())
-                    row = dict(dtype=str(dtype).removeprefix("torch."), beta=beta, steps=steps,
-                               checkpoint_every=ck, grad_rel_error=err, reconstruction_error=recon)
-                    rows.append(row)
-                    print(f"| {row['dtype']} | {beta} | {steps} | {ck or '-'} | {err:.2e} | {recon:.2e} |")
+          f"{torch.get_num_threads()} threads, width 32, batch 8, loss sum z^2, backend auto")
+    print("| block | states and f | beta | steps | reversal | grad rel. error vs unrolled | reconstruction error |")
+    print("|---|---|---|---|---|---|---|")
+    for block in args.blocks.split(","):
+        for dtype in (torch.float64, torch.float32):
+            for beta in map(float, args.betas.split(",")):
+                for steps in map(int, args.steps.split(",")):
+                    truth, _ = gradients(block, dtype, beta, steps, adjoint="unrolled", reversal=None)
+                    variants = [("float", dict(reversal="float")),
+                                (f"float, checkpoint_every={args.checkpoint_every}",
+                                 dict(reversal="float", checkpoint_every=args.checkpoint_every)),
+                                ("exact", dict(reversal="exact"))]
+                    for name, settings in variants:
+                        if settings.get("checkpoint_every", 0) >= steps:
+                            continue
+                        got, recon = gradients(block, dtype, beta, steps, **settings)
+                        err = float((got - truth).norm() / truth.norm())
+                        row = dict(block=block, dtype=str(dtype).removeprefix("torch."), beta=beta, steps=steps,
+                                   reversal=name, grad_rel_error=err, reconstruction_error=recon)
+                        rows.append(row)
+                        print(f"| {block} | {row['dtype']} | {beta} | {steps} | {name} | {err:.2e} | {recon:.2e} |",
+                              flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -6,7 +6,7 @@ and wraps each output in an identity autograd node that counts the VJPs taken th
 
 Gradient error: ||g - g_ref|| / ||g_ref|| over the gradients of x and every parameter, where
 g_ref is autograd through the same forward iteration, same weights, same steps:
-    reversible, reversible_ck   the reversible iteration unrolled (adjoint="unrolled")
+    reversible, reversible_ck, reversible_exact   the reversible iteration unrolled (adjoint="unrolled")
     implicit, phantom           the baseline solver unrolled (rk.DEQ adjoint="unrolled")
     torchdeq_ift                the fixed-point iteration unrolled, then f once more (its output is f(z*))
     torchdeq_phantom            the fixed-point iteration unrolled, then its k damped steps
@@ -63,7 +63,7 @@ def reference(method: str, steps: int, setup: Setup) -> nn.Module | str | None:
     a string saying why there is none."""
     if method in ("unrolled", "explicit"):
         return None
-    if method in ("reversible", "reversible_ck"):
+    if method in ("reversible", "reversible_ck", "reversible_exact"):
         return build("unrolled", steps, setup)
     block = seeded_block(steps, setup)
     if method in ("implicit", "phantom"):

@@ -9,6 +9,12 @@ import tempfile
 TIME_RATIO_LIMIT = 1.35     # reversible step time / unrolled step time, same steps
 MEMORY_RATIO_LIMIT = 1.1    # reversible step memory at the most steps / at 4 steps
 GRAD_ERROR_LIMIT = 1e-9     # reversible gradient error vs unrolled autograd, float64
+# reversal="exact": against the float reversal and unrolled, and its error. The target is
+# float32 backprop's level; on the float64 copy its states sit on a 2^-48 grid (the default
+# frac_bits for float64 f), which lands near 1e-12.
+EXACT_TIME_LIMIT = 1.15        # reversible_exact step time / reversible step time
+EXACT_MEMORY_GROWTH_LIMIT = 0.1  # its step-memory growth N=4 -> most steps / unrolled's
+EXACT_GRAD_ERROR_LIMIT = 1e-6
 
 COLUMNS = [
     ("method", "method", "{}"), ("steps", "steps", "{}"), ("nfe_forward", "f evals fwd", "{}"),
@@ -37,7 +43,7 @@ def _by(rows: list[dict], method: str) -> dict[int, dict]:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The three targets for the reversible rows (plain and checkpointed), each with the
+    """The targets for the reversible rows (plain, checkpointed, exact), each with the
     measured value, the limit and whether it is met."""
     out = []
     unr = _by(rows, "unrolled")
@@ -65,14 +71,39 @@ def targets(rows: list[dict]) -> list[dict]:
                        f"{(unr[high]['step_mb'] - unr[low]['step_mb']) / (high - low):.2f} MB per step)")
         out.append(dict(target=f"{method} step memory at N={high} <= {MEMORY_RATIO_LIMIT}x at N={low}",
                         value=ratio, met=ratio <= MEMORY_RATIO_LIMIT, detail=detail))
-    for method in ("reversible", "reversible_ck"):
+    for method, limit in (("reversible", GRAD_ERROR_LIMIT), ("reversible_ck", GRAD_ERROR_LIMIT),
+                          ("reversible_exact", EXACT_GRAD_ERROR_LIMIT)):
         errors = {r["steps"]: r["grad_error"] for r in rows
                   if r["method"] == method and r.get("grad_error") is not None}
         if errors:
             worst = max(errors.values())
-            out.append(dict(target=f"{method} gradient error <= {GRAD_ERROR_LIMIT:g} (float64, unrolled = truth)",
-                            value=worst, met=worst <= GRAD_ERROR_LIMIT,
+            out.append(dict(target=f"{method} gradient error <= {limit:g} (float64, unrolled = truth)",
+                            value=worst, met=worst <= limit,
                             detail=", ".join(f"N={n}: {e:.1e}" for n, e in errors.items())))
+    return out + _exact_targets(rows)
+
+
+def _exact_targets(rows: list[dict]) -> list[dict]:
+    exact, floating, unr = _by(rows, "reversible_exact"), _by(rows, "reversible"), _by(rows, "unrolled")
+    out = []
+    common = sorted(set(exact) & set(floating))
+    if common:
+        ratios = {n: exact[n]["time_ms"] / floating[n]["time_ms"] for n in common}
+        detail = ", ".join(f"N={n}: {r:.2f}x" + (f" ({exact[n]['time_ms'] / unr[n]['time_ms']:.2f}x unrolled)"
+                                                  if n in unr else "") for n, r in ratios.items())
+        out.append(dict(target=f"reversible_exact step time <= {EXACT_TIME_LIMIT}x reversible at every N",
+                        value=max(ratios.values()), met=max(ratios.values()) <= EXACT_TIME_LIMIT, detail=detail))
+    both = sorted(set(exact) & set(unr))
+    low, high = (4 if 4 in both else min(both, default=0)), max(both, default=0)
+    if high > low:
+        grow_exact = exact[high]["step_mb"] - exact[low]["step_mb"]
+        grow_unr = unr[high]["step_mb"] - unr[low]["step_mb"]
+        ratio = grow_exact / grow_unr if grow_unr > 0 else float("inf")
+        out.append(dict(target=f"reversible_exact step-memory growth N={low} -> {high} <= "
+                               f"{EXACT_MEMORY_GROWTH_LIMIT}x unrolled's", value=ratio,
+                        met=ratio <= EXACT_MEMORY_GROWTH_LIMIT,
+                        detail=f"{exact[low]['step_mb']:.1f} -> {exact[high]['step_mb']:.1f} MB; unrolled "
+                               f"{unr[low]['step_mb']:.1f} -> {unr[high]['step_mb']:.1f} MB"))
     return out
 
 

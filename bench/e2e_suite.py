@@ -1,7 +1,7 @@
 """End-to-end training step of a transformer-block DEQ: `python bench/throughput.py --suite e2e`.
 
 f is the language model's block (revdeq_kernels.lm.Block), batch x seq x width settable.
-For each method (bench/e2e_methods.py: reversible, reversible_ck, unrolled, implicit,
+For each method (bench/e2e_methods.py: reversible, reversible_ck, reversible_exact, unrolled, implicit,
 phantom, explicit, and torchdeq's IFT and phantom modes when torchdeq is installed) and
 each N in --steps, with the same forward budget of 1 + 2N block evaluations for all:
 training-step time (median over timed rounds after --warmup; all methods at one N in one

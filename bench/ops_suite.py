@@ -128,6 +128,39 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+# reversal="exact": int64 states and digit planes whatever the mix's state dtype (the rows
+# say i64<-f), 1 - beta = 1/5 (beta 0.8), frac_bits 32. Eager baseline: the reference.
+EXACT_RATIO = (1, 5, 32)
+
+
+def _exact_case(n, state, f, device, rows):
+    g = torch.Generator(device=device).manual_seed(0)
+    def fixed():
+        return (_randn(n, rows, torch.float64, device, g) * 2**32).round().to(torch.int64)
+    digits = (_randn(n, rows, torch.float64, device, g).abs() * 1e6).to(torch.int64)
+    return Case({"h": fixed(), "B": digits, "z": fixed(), "f": _randn(n, rows, f, device, g),
+                 "flags": torch.zeros(1, dtype=torch.int32, device=device)}, ("h", "B"))
+
+
+def _exact(name: str, residual: bool = False) -> OpSpec:
+    from revdeq_kernels.ops import reference
+
+    def fused(c, b):
+        t = c.tensors
+        if residual:
+            return lambda: ops.exact_relax_residual_(t["h"], t["B"], t["z"], t["f"], t["flags"], 0, *EXACT_RATIO,
+                                                     backend=b)
+        return lambda: getattr(ops, name)(t["h"], t["B"], t["f"], t["flags"], 0, *EXACT_RATIO, backend=b)
+
+    def eager(h, B, z, f, flags):
+        if residual:
+            return reference.exact_relax_residual_(h, B, z, f, flags, 0, *EXACT_RATIO)
+        return getattr(reference, name)(h, B, f, flags, 0, *EXACT_RATIO)
+
+    # reads h, B, f (and z); writes h, B
+    return OpSpec(_exact_case, fused, eager, lambda s, f: 4 * 8 + _size(f) + (8 if residual else 0), "add_")
+
+
 OPS: dict[str, OpSpec] = {
     # reads s, f; writes s
     "relax_": OpSpec(_relax_case, lambda c, b: lambda: ops.relax_(c.tensors["s"], c.tensors["f"], BETA, backend=b),
@@ -151,6 +184,9 @@ OPS: dict[str, OpSpec] = {
         lambda c, b: lambda: ops.adjoint_accumulate_(c.tensors["g"], c.tensors["v"], c.tensors["c"], BETA, True,
                                                      backend=b),
         _eager_adjoint, lambda s, f: 2 * _size(accumulation_dtype(s)) + 2 * _size(f), "add_out"),
+    "exact_relax_": _exact("exact_relax_"),
+    "exact_unrelax_": _exact("exact_unrelax_"),
+    "exact_relax_residual_": _exact("exact_relax_residual_", residual=True),
 }
 
 
@@ -255,10 +291,17 @@ def run(args) -> int:
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     rows, compiled = [], {}
     for n in sizes:
+        exact_done = set()
         for mix_name, state, f in mixes:
             rooflines = {}
             for op_name in names:
                 spec = OPS[op_name]
+                exact = op_name.startswith("exact_")
+                if exact:  # the state is int64 whatever the mix says: once per f dtype
+                    if (op_name, f) in exact_done:
+                        continue
+                    exact_done.add((op_name, f))
+                shown_mix = "i64<-" + mix_name.split("<-")[1] if exact else mix_name
                 case = spec.make(n, state, f, device, args.rows)
                 dtypes = {t.dtype for t in case.tensors.values()} | {torch.float32}
                 key = (spec.roofline, frozenset(dtypes))
@@ -269,6 +312,8 @@ def run(args) -> int:
                 eager_fn = lambda: spec.eager(**case.tensors)  # noqa: E731
                 eager_s = median_seconds(eager_fn, case.reset, device, args.repeats)
                 for backend in backends:
+                    if exact and backend == "compile":
+                        continue  # no user composite to compile: eager is the reference itself
                     if backend == "eager":
                         seconds = eager_s
                     elif backend == "compile":
@@ -278,11 +323,11 @@ def run(args) -> int:
                     else:
                         seconds = median_seconds(spec.fused(case, backend), case.reset, device, args.repeats)
                     gbps = moved / seconds / 1e9
-                    row = dict(op=op_name, mix=mix_name, elements=n, backend=backend, ms=seconds * 1e3,
+                    row = dict(op=op_name, mix=shown_mix, elements=n, backend=backend, ms=seconds * 1e3,
                                gbps=gbps, roofline_gbps=roof, of_roofline=gbps / roof, vs_eager=eager_s / seconds,
                                roofline=spec.roofline)
                     rows.append(row)
-                    print(f"| {op_name} | {mix_name} | {n:,} | {backend} | {row['ms']:.3f} | {gbps:.1f} | "
+                    print(f"| {op_name} | {shown_mix} | {n:,} | {backend} | {row['ms']:.3f} | {gbps:.1f} | "
                           f"{roof:.1f} | {row['of_roofline']:.2f} | {row['vs_eager']:.2f}x |", flush=True)
                 del case
     if args.json:

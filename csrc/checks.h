@@ -12,6 +12,9 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <utility>
 
 namespace revdeq {
 
@@ -76,6 +79,50 @@ inline void mark_written(const at::Tensor& t) {
 inline void check_beta(double beta, bool inverse) {
   TORCH_CHECK(std::isfinite(beta), "beta must be finite, got ", beta);
   TORCH_CHECK(!inverse || beta != 1.0, "unrelax_ divides by 1 - beta; beta = 1 has no inverse");
+}
+
+// reversal="exact": the constants every exact kernel needs, checked and derived once.
+// 1 - beta = numerator / denominator; scale = beta * 2^frac_bits, computed as in Python
+// (fixed_point.quantisation_scale), so q = rint(f * scale) has the same bits everywhere.
+struct ExactParams {
+  int64_t step;
+  int64_t numerator;
+  int64_t denominator;
+  int64_t frac_bits;
+  double scale;
+  double grid;  // 2^-frac_bits: one integer unit of the state
+};
+
+constexpr int64_t kMaxDenominator = 64;
+constexpr int32_t kFlagNonfinite = 1;  // f_out held a NaN or Inf
+constexpr int32_t kFlagRange = 2;      // a value left |h| < 2^62
+
+inline ExactParams check_exact(const at::Tensor& state, const char* name, const at::Tensor& digits,
+                               const at::Tensor& flags, int64_t step, int64_t numerator,
+                               int64_t denominator, int64_t frac_bits, c10::DeviceType device) {
+  for (const auto& [t, what] : {std::pair{&state, name}, std::pair{&digits, "digits"}}) {
+    TORCH_CHECK(t->defined() && t->device().type() == device, what, " must be a ",
+                c10::DeviceTypeName(device), " tensor");
+    TORCH_CHECK(t->scalar_type() == at::kLong, what, " must be int64, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() >= 1 && t->is_contiguous(), what,
+                " is written in place and must be contiguous with dim >= 1 (sizes ", t->sizes(), ")");
+  }
+  TORCH_CHECK(digits.device() == state.device() && digits.sizes() == state.sizes(), "digits has shape ",
+              digits.sizes(), " on ", digits.device(), " but ", name, " has ", state.sizes(), " on ",
+              state.device());
+  TORCH_CHECK(flags.defined() && flags.scalar_type() == at::kInt && flags.dim() == 1 &&
+                  flags.is_contiguous() && flags.device() == state.device(),
+              "flags must be a contiguous 1-D int32 tensor on ", state.device());
+  TORCH_CHECK(0 <= step && step < flags.numel(), "step ", step, " is outside flags (length ",
+              flags.numel(), ")");
+  TORCH_CHECK(0 < std::abs(numerator) && std::abs(numerator) < denominator &&
+                  denominator <= kMaxDenominator,
+              "1 - beta = ", numerator, "/", denominator,
+              " must have 0 < |numerator| < denominator <= ", kMaxDenominator);
+  TORCH_CHECK(0 <= frac_bits && frac_bits <= 62, "frac_bits must be in [0, 62], got ", frac_bits);
+  const double ratio = static_cast<double>(denominator - numerator) / static_cast<double>(denominator);
+  return {step, numerator, denominator, frac_bits, std::ldexp(ratio, static_cast<int>(frac_bits)),
+          std::ldexp(1.0, -static_cast<int>(frac_bits))};
 }
 
 }  // namespace revdeq

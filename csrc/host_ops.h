@@ -1,4 +1,4 @@
-// The host side of the five revdeq_native ops, written once for every device: argument
+// The host side of the eight revdeq_native ops, written once for every device: argument
 // checks, the aliasing rules, version-counter bumps and registration. A device supplies only
 // a policy (module_cpu.cpp, module_cuda.cpp):
 //
@@ -9,6 +9,8 @@
 //       void relax(state, f, beta, inverse) const;
 //       void residual(y, z, f, beta, sq_res, sq_f) const;
 //       void adjoint(grad, vjp, cotangent, beta, scale_after) const;
+//       void exact(state, digits, f, flags, params, inverse) const;      // reversal="exact"
+//       void exact_residual(y, digits, z, f, flags, params, sq_res, sq_f) const;
 //     };
 //   };
 //
@@ -102,7 +104,65 @@ struct HostOps {
   }
 };
 
-// Registers the five ops of `Device` into the revdeq_native namespace (inside TORCH_LIBRARY_IMPL).
+// reversal="exact" ops: int64 states and digit planes (revdeq_kernels/fixed_point.py).
+template <class Device>
+struct ExactHostOps {
+  using Context = typename Device::Context;
+  static constexpr c10::DeviceType kDevice = Device::kType;
+
+  static void relax_or_inverse(at::Tensor& state, at::Tensor& digits, const at::Tensor& f_out,
+                               at::Tensor& flags, int64_t step, int64_t numerator, int64_t denominator,
+                               int64_t frac_bits, bool inverse) {
+    const ExactParams params =
+        check_exact(state, "state", digits, flags, step, numerator, denominator, frac_bits, kDevice);
+    const Context context(state);
+    const at::Tensor f = checked_input(f_out, "f_out", false, state, "state");
+    at::assert_no_overlap(state, digits);
+    at::assert_no_partial_overlap(state, f);
+    at::assert_no_overlap(digits, f);
+    context.exact(state, digits, f, flags, params, inverse);
+    mark_written(state);
+    mark_written(digits);
+    mark_written(flags);
+  }
+
+  static void relax_(at::Tensor& state, at::Tensor& digits, const at::Tensor& f_out, at::Tensor& flags,
+                     int64_t step, int64_t numerator, int64_t denominator, int64_t frac_bits) {
+    relax_or_inverse(state, digits, f_out, flags, step, numerator, denominator, frac_bits, false);
+  }
+
+  static void unrelax_(at::Tensor& state, at::Tensor& digits, const at::Tensor& f_out, at::Tensor& flags,
+                       int64_t step, int64_t numerator, int64_t denominator, int64_t frac_bits) {
+    relax_or_inverse(state, digits, f_out, flags, step, numerator, denominator, frac_bits, true);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> relax_residual_(
+      at::Tensor& y, at::Tensor& digits, const at::Tensor& z, const at::Tensor& f_out, at::Tensor& flags,
+      int64_t step, int64_t numerator, int64_t denominator, int64_t frac_bits) {
+    const ExactParams params =
+        check_exact(y, "y", digits, flags, step, numerator, denominator, frac_bits, kDevice);
+    const Context context(y);
+    TORCH_CHECK(z.defined() && z.scalar_type() == at::kLong && z.device() == y.device() &&
+                    z.sizes() == y.sizes(),
+                "z must be an int64 tensor of y's shape ", y.sizes(), " on ", y.device());
+    const at::Tensor zc = z.contiguous();
+    const at::Tensor f = checked_input(f_out, "f_out", false, y, "y");
+    at::assert_no_overlap(y, digits);
+    at::assert_no_partial_overlap(y, zc);
+    at::assert_no_partial_overlap(y, f);
+    at::assert_no_overlap(digits, zc);
+    at::assert_no_overlap(digits, f);
+    const auto options = y.options().dtype(at::kDouble);
+    at::Tensor sq_res = at::empty({y.size(0)}, options), sq_f = at::empty({y.size(0)}, options);
+    context.exact_residual(y, digits, zc, f, flags, params, sq_res, sq_f);
+    mark_written(y);
+    mark_written(digits);
+    mark_written(flags);
+    return {sq_res, sq_f};
+  }
+};
+
+// Registers the eight ops of `Device` into the revdeq_native namespace (inside TORCH_LIBRARY_IMPL).
 template <class Device>
 void register_ops(torch::Library& m) {
   using Ops = HostOps<Device>;
@@ -111,6 +171,10 @@ void register_ops(torch::Library& m) {
   m.impl("relax_residual_", TORCH_FN(Ops::relax_residual_));
   m.impl("residual_norms", TORCH_FN(Ops::residual_norms));
   m.impl("adjoint_accumulate_", TORCH_FN(Ops::adjoint_accumulate_));
+  using Exact = ExactHostOps<Device>;
+  m.impl("exact_relax_", TORCH_FN(Exact::relax_));
+  m.impl("exact_unrelax_", TORCH_FN(Exact::unrelax_));
+  m.impl("exact_relax_residual_", TORCH_FN(Exact::relax_residual_));
 }
 
 }  // namespace revdeq

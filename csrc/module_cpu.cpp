@@ -47,6 +47,15 @@ struct CpuDevice {
                  double beta, bool scale_after) const {
       kernels().adjoint(grad, vjp, cotangent, beta, scale_after);
     }
+    void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& f,
+               const at::Tensor& flags, const ExactParams& params, bool inverse) const {
+      kernels().exact(state, digits, f, flags, params, inverse);
+    }
+    void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
+                        const at::Tensor& f, const at::Tensor& flags, const ExactParams& params,
+                        const at::Tensor& sq_res, const at::Tensor& sq_f) const {
+      kernels().exact_residual(y, digits, z, f, flags, params, sq_res, sq_f);
+    }
   };
 };
 

@@ -48,6 +48,15 @@ struct CudaDevice {
                  double beta, bool scale_after) const {
       cuda::adjoint(grad, vjp, cotangent, beta, scale_after, launch_);
     }
+    void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& f,
+               const at::Tensor& flags, const ExactParams& params, bool inverse) const {
+      cuda::exact(state, digits, f, flags, params, inverse, launch_);
+    }
+    void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
+                        const at::Tensor& f, const at::Tensor& flags, const ExactParams& params,
+                        const at::Tensor& sq_res, const at::Tensor& sq_f) const {
+      cuda::exact_residual(y, digits, z, f, flags, params, sq_res, sq_f, launch_);
+    }
 
    private:
     const c10::cuda::CUDAGuard guard_;

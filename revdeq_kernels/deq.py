@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .problem import make_problem, trainable_parameters
-from .reversible import forward_iteration, solve
+from .reversal import forward_solve
+from .reversible import solve
 from .settings import DEQSettings
 from .solvers import AtEquilibriumFunction, ImplicitAdjoint, PhantomAdjoint, iterative_solver
 from .stats import SolverStats
@@ -58,7 +59,7 @@ class DEQ(nn.Module):
             fixed_point/anderson solvers or 1 after the reversible one).
         phantom_steps, phantom_beta: the phantom adjoint's k (default 5) and damping
             (default: as backward_beta).
-        checkpoint_every: adjoint="reversible" only; see ReversibleDEQ.
+        checkpoint_every, reversal, frac_bits: adjoint="reversible" only; see ReversibleDEQ.
         state_dtype, backend, on_nonfinite, replay_rng: as in ReversibleDEQ.
     A setting that the chosen solver/adjoint does not use is an error, not ignored.
     """
@@ -70,7 +71,8 @@ class DEQ(nn.Module):
                  backward_beta: float | None = None, phantom_steps: int | None = None,
                  phantom_beta: float | None = None, checkpoint_every: int | None = None,
                  state_dtype: torch.dtype | None = None, backend: str | None = None,
-                 on_nonfinite: str = "raise", replay_rng: bool = True):
+                 on_nonfinite: str = "raise", replay_rng: bool = True, reversal: str | None = None,
+                 frac_bits: int | None = None):
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
@@ -80,7 +82,7 @@ class DEQ(nn.Module):
             backward_solver=backward_solver, backward_max_steps=backward_max_steps, backward_tol=backward_tol,
             backward_beta=backward_beta, phantom_steps=phantom_steps, phantom_beta=phantom_beta,
             checkpoint_every=checkpoint_every, state_dtype=state_dtype, backend=backend,
-            on_nonfinite=on_nonfinite, replay_rng=replay_rng)
+            on_nonfinite=on_nonfinite, replay_rng=replay_rng, reversal=reversal, frac_bits=frac_bits)
         self.last_stats: SolverStats | None = None
         self.last_adjoint_stats: SolverStats | None = None
 
@@ -116,7 +118,7 @@ class DEQ(nn.Module):
 
     def _solve_without_graph(self, problem, x: Tensor, start: Tensor) -> Tensor:
         if self.settings.solver == "reversible":
-            return forward_iteration(problem, x, start, None)[1]
+            return forward_solve(problem, x, start)
         evaluate = partial(_call_f, problem, x)
         z = self._iterate(self.settings.solver)(problem, evaluate, start.clone())
         problem.stats.nfe_forward = 1 + problem.stats.steps

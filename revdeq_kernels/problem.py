@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import fixed_point
 from .ops import STATE_DTYPES, resolve_backend
 from .rng import EvaluationRNG
 from .stats import SolverStats
@@ -56,6 +57,12 @@ class Problem:
     autocast: tuple[bool, torch.dtype]
     params: list  # the tensors the backward differentiates
     stats: SolverStats = field(default_factory=SolverStats)
+    ratio: fixed_point.Ratio | None = None  # 1 - beta as n/d: reversal="exact" only
+    frac_bits: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.ratio is not None
 
     def call_f(self, state: Tensor, x: Tensor, index: int) -> Tensor:
         """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
@@ -129,5 +136,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         f_dtype=x.dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
         rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
         params=params, stats=SolverStats(backend=backend),
+        ratio=fixed_point.beta_ratio(settings.beta) if settings.resolved_reversal == "exact" else None,
+        frac_bits=(settings.frac_bits or fixed_point.default_frac_bits(x.dtype)) if settings.resolved_reversal == "exact" else 0,
     )
     return problem, start

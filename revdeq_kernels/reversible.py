@@ -17,48 +17,20 @@ reconstruction. Only x, z_N, y_N (and the optional checkpoints) are saved.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .convergence import ConvergenceMonitor
 from .ops.reference import accumulation_dtype
 from .problem import BufferSnapshot, Problem, make_problem, trainable_parameters
+from .reversal import FloatReversal, relative_gap, forward_iteration, forward_solve, make_reversal
 from .settings import SolveSettings
 from .stats import Solution, SolverStats
 from .unrolled import unrolled_solve
-
-
-def forward_iteration(problem: Problem, x: Tensor, start: Tensor, checkpoint_every: int | None):
-    """Run the iteration without a graph. Returns (y_N, z_N, {step: (y, z)} checkpoints,
-    the dtype f returns: the backward's cotangents are cast to it)."""
-    b, backend = problem.beta, problem.backend
-    y, z = start.clone(), start.clone()
-    F = problem.call_f(z, x, 0)
-    checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
-    monitor = ConvergenceMonitor(problem)
-    steps = problem.max_steps
-    for n in range(problem.max_steps):
-        if n == 0:
-            ops.relax_(y, F, b, backend=backend)
-        # Stop test for the state after n steps, fused with the speculative y-update of
-        # step n+1 (F is read once for both). On a stop the update is undone by its exact
-        # inverse: one extra pass once per solve instead of a separate pass every step.
-        elif monitor.converged(n, *ops.relax_residual_(y, z, F, b, backend=backend)):
-            ops.unrelax_(y, F, b, backend=backend)
-            steps = n
-            break
-        ops.relax_(z, problem.call_f(y, x, 2 * n + 1), b, backend=backend)
-        F = problem.call_f(z, x, 2 * n + 2)
-        if checkpoint_every and (n + 1) % checkpoint_every == 0 and n + 1 < problem.max_steps:
-            checkpoints[n + 1] = (y.clone(), z.clone())
-    else:
-        monitor.converged(steps, *ops.residual_norms(z, F, backend=backend))
-    monitor.finish(steps)
-    problem.stats.nfe_forward = 1 + 2 * steps
-    return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype
 
 
 def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
@@ -67,31 +39,67 @@ def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
     return grad.detach().clone() if total is None else total.add_(grad)
 
 
-def _relative_gap(state: Tensor, truth: Tensor, scale: float) -> float:
-    return float((state - truth).abs().max()) / scale if state.numel() else 0.0
+class NonfiniteLog:
+    """One device scalar per reverse step: the float64 sum of the step's states and adjoints,
+    non-finite exactly when one of them holds a NaN or Inf (a float64 sum of float32 values
+    cannot overflow). Read once, after the sweep: no device sync per step."""
+
+    def __init__(self):
+        self.sums: list[tuple[int, Tensor]] = []
+
+    def record(self, step: int, *tensors: Tensor) -> None:
+        self.sums.append((step, torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()))
+
+    def first_bad(self) -> int | None:
+        if not self.sums:
+            return None
+        finite = torch.isfinite(torch.stack([s for _, s in self.sums])).tolist()
+        return next((step for (step, _), ok in zip(self.sums, finite) if not ok), None)
+
+
+def _report_backward_nonfinite(problem: Problem, step: int) -> None:
+    message = (f"the reversible backward became non-finite (NaN or Inf in a rebuilt state or an adjoint) "
+               f"at reverse step {step} of {problem.stats.steps}; "
+               + ("f's vector-Jacobian product overflowed" if problem.exact else
+                  "the float reconstruction drifted: use reversal='exact' or checkpoint_every=K"))
+    if problem.on_nonfinite == "raise":
+        raise FloatingPointError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, checkpoint_every, x, z0, start, *params):
-        y, z, checkpoints, ctx.f_out_dtype = forward_iteration(problem, x, start, checkpoint_every)
-        ctx.problem = problem
+        reversal = make_reversal(problem)
+        y, z, checkpoints, ctx.f_out_dtype = forward_iteration(problem, reversal, x, start, checkpoint_every)
+        ctx.problem, ctx.reversal = problem, reversal
         ctx.checkpoint_steps = sorted(checkpoints)
         ctx.z0_given = z0 is not None
         ctx.z0_dtype = z0.dtype if z0 is not None else None
         saved = [x, z, y] + ([start] if z0 is not None else [])
         for step in ctx.checkpoint_steps:
             saved.extend(checkpoints[step])
+        if problem.exact:
+            planes_y, planes_z, used_y, used_z = reversal.saved()
+            ctx.planes_used, ctx.plane_counts = (used_y, used_z), (len(planes_y), len(planes_z))
+            saved.extend(planes_y + planes_z)
+            reversal.planes = {}  # from here on held by autograd only, freed after the backward
         ctx.save_for_backward(*saved)
-        return z
+        return reversal.output(z)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z):
         problem: Problem = ctx.problem
+        reversal: FloatReversal = ctx.reversal
         x, z_final, y_final, *rest = ctx.saved_tensors
-        true_start = rest.pop(0) if ctx.z0_given else torch.zeros_like(z_final)
+        true_start = rest.pop(0) if ctx.z0_given else torch.zeros(z_final.shape, dtype=problem.state_dtype,
+                                                                    device=z_final.device)
         checkpoints = {s: (rest[2 * i], rest[2 * i + 1]) for i, s in enumerate(ctx.checkpoint_steps)}
+        if problem.exact:
+            planes = rest[2 * len(ctx.checkpoint_steps):]
+            count_y = ctx.plane_counts[0]
+            reversal.restore((planes[:count_y], planes[count_y:], *ctx.planes_used))
         b, backend, stats = problem.beta, problem.backend, problem.stats
         params = problem.params
         needs_x = ctx.needs_input_grad[2]
@@ -103,11 +111,14 @@ class _ReversibleFunction(torch.autograd.Function):
         cotangent = torch.mul(gz, b).to(ctx.f_out_dtype)
         x_in = x.detach().requires_grad_(needs_x)
         grad_x, grad_params = None, [None] * len(params)
-        scale = max(float(z_final.abs().max()) if z_final.numel() else 0.0, torch.finfo(z.dtype).tiny)
-        worst_gap = 0.0
+        z_out = reversal.output(z_final)
+        scale = max(float(z_out.abs().max()) if z_out.numel() else 0.0, torch.finfo(z_out.dtype).tiny)
+        checkpoint_gaps: list[float] = []
+        nonfinite = NonfiniteLog()
 
         def evaluate_with_vjp(state: Tensor, index: int):
             nonlocal grad_x
+            state = reversal.f_input(state)
             f_in = (state.detach() if state.dtype == problem.f_dtype else state.to(problem.f_dtype))
             f_in.requires_grad_(True)
             out = problem.call_f(f_in, x_in, index)
@@ -130,19 +141,26 @@ class _ReversibleFunction(torch.autograd.Function):
         with torch.enable_grad(), problem.autocast_context(), BufferSnapshot(problem.f):
             for n in reversed(range(stats.steps)):
                 f_y, vjp = evaluate_with_vjp(y, 2 * n + 1)            # f(y_{n+1})
-                ops.unrelax_(z, f_y, b, backend=backend)              # z_n
+                reversal.undo_z(z, f_y, n)                            # z_n
                 ops.adjoint_accumulate_(gy, vjp, cotangent, b, True, backend=backend)
                 f_z, vjp = evaluate_with_vjp(z, 2 * n)                # f(z_n)
-                ops.unrelax_(y, f_z, b, backend=backend)              # y_n
+                reversal.undo_y(y, f_z, n)                            # y_n
                 ops.adjoint_accumulate_(gz, vjp, cotangent, b, False, backend=backend)
+                nonfinite.record(n, gz, gy, *(() if problem.exact else (y, z)))
                 if n in checkpoints:  # restart from the stored states: drift bounded by K steps
                     y_true, z_true = checkpoints[n]
-                    worst_gap = max(worst_gap, _relative_gap(y, y_true, scale), _relative_gap(z, z_true, scale))
+                    checkpoint_gaps += [relative_gap(y, y_true, scale), relative_gap(z, z_true, scale)]
                     y.copy_(y_true)
                     z.copy_(z_true)
-        worst_gap = max(worst_gap, _relative_gap(y, true_start, scale), _relative_gap(z, true_start, scale))
-        stats.reconstruction_error = worst_gap
         stats.nfe_backward = 2 * stats.steps
+        bad = nonfinite.first_bad()
+        if bad is not None:
+            _report_backward_nonfinite(problem, bad)
+        stats.reconstruction_error = reversal.finish(y, z, true_start, scale, checkpoint_gaps)
+        if problem.exact and math.isnan(stats.reconstruction_error):  # flagged, on_nonfinite="warn"
+            for g in [gz, gy, grad_x, *grad_params]:
+                if g is not None:
+                    g.fill_(math.nan)
 
         grad_z0 = None
         if ctx.needs_input_grad[3]:
@@ -184,7 +202,7 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
     )
     if not needs_grad:
         with torch.no_grad():
-            z = forward_iteration(problem, x, start, None)[1]
+            z = forward_solve(problem, x, start)
         return Solution(z, problem.stats)
     z = _ReversibleFunction.apply(problem, settings.checkpoint_every, x, z0, start, *params)
     return Solution(z, problem.stats)
@@ -207,20 +225,27 @@ class ReversibleDEQ(nn.Module):
         adjoint: "reversible", or "unrolled" (autograd through every step; the reference).
         on_nonfinite: "raise" a FloatingPointError naming the step, or "warn".
         replay_rng: give every evaluation of f its own replayed random stream (dropout).
+        reversal: how the backward rebuilds the states: "exact" (the default: fixed-point states
+            with digit planes, bit-exact at any depth; beta must be 1 - n/d with d <= 64) or
+            "float" (divide by 1 - beta: drifts on expansive f, measured in
+            ``last_stats.reconstruction_error``; the default when checkpoint_every is given).
+        frac_bits: "exact" only: fractional bits of the states, |value| < 2**(62 - frac_bits)
+            (default 32, or 48 when f computes in float64).
     The validated settings are ``self.settings`` (a frozen ``SolveSettings``).
     """
 
     def __init__(self, f, beta: float = 0.8, max_steps: int = 8, tol: float | None = 1e-3,
                  state_dtype: torch.dtype | None = None, checkpoint_every: int | None = None,
                  backend: str | None = None, adjoint: str = "reversible", on_nonfinite: str = "raise",
-                 replay_rng: bool = True):
+                 replay_rng: bool = True, reversal: str | None = None, frac_bits: int | None = None):
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
         self.f = f
         self.settings = SolveSettings(
             beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype, checkpoint_every=checkpoint_every,
-            backend=backend, adjoint=adjoint, on_nonfinite=on_nonfinite, replay_rng=replay_rng)
+            backend=backend, adjoint=adjoint, on_nonfinite=on_nonfinite, replay_rng=replay_rng,
+            reversal=reversal, frac_bits=frac_bits)
         self.last_stats: SolverStats | None = None
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
@@ -231,4 +256,4 @@ class ReversibleDEQ(nn.Module):
     def extra_repr(self) -> str:
         s = self.settings
         return (f"beta={s.beta}, max_steps={s.max_steps}, tol={s.tol}, state_dtype={s.state_dtype}, "
-                f"checkpoint_every={s.checkpoint_every}, adjoint={s.adjoint!r}")
+                f"checkpoint_every={s.checkpoint_every}, adjoint={s.adjoint!r}, reversal={s.resolved_reversal!r}")

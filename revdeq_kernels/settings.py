@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fixed_point
 from .ops import STATE_DTYPES
 
 NONFINITE_MODES = ("raise", "warn")
+REVERSALS = ("float", "exact")
 REVERSIBLE_ADJOINTS = ("reversible", "unrolled")
 ITERATIVE_SOLVERS = ("fixed_point", "anderson")
 SOLVERS = ITERATIVE_SOLVERS + ("reversible",)
@@ -80,6 +82,41 @@ def _checkpoint_every(value) -> None:
         count("checkpoint_every", value)
 
 
+def _reversal(settings, solver_uses: str | None) -> None:
+    """reversal and frac_bits, checked against beta, checkpoint_every and the adjoint.
+    ``solver_uses``: why no reversal applies (another solver/adjoint), or None.
+
+    reversal=None is the default: "exact", or "float" when checkpoint_every is given (the
+    checkpoints exist to restart a drifting float reconstruction) or no reversal applies.
+    frac_bits=None stays None: the solve picks it from f's dtype (fixed_point.default_frac_bits).
+    """
+    reversal = settings.reversal
+    if reversal is None:
+        reversal = "float" if solver_uses is not None or settings.checkpoint_every is not None else "exact"
+    choice("reversal", reversal, REVERSALS)
+    # Not written back into the field: dataclasses.replace(adjoint="unrolled") must see the
+    # user's None again, not an "exact" that no longer applies.
+    settings._set(_reversal=reversal)
+    if reversal == "float":
+        _reject_unused(dict(frac_bits=settings.frac_bits), "by reversal='float' (only by 'exact')")
+        return
+    if solver_uses is not None:
+        raise SettingError("reversal='exact'", f"rebuilds the reversible adjoint's states; {solver_uses}")
+    try:
+        fixed_point.beta_ratio(settings.beta)
+    except ValueError as error:
+        raise SettingError("beta", f"{error}; or pass reversal='float'") from None
+    if settings.frac_bits is not None:
+        low, high = fixed_point.FRAC_BITS_RANGE
+        frac_bits = settings.frac_bits
+        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not low <= frac_bits <= high:
+            raise SettingError("frac_bits", f"must be an int in [{low}, {high}] (states hold |value| < "
+                               f"2**(62 - frac_bits)), got {frac_bits!r}")
+    if settings.checkpoint_every is not None:
+        raise SettingError("checkpoint_every", "is not used by reversal='exact': the reconstruction is "
+                           "exact at every step, so there is no drift to restart from")
+
+
 def _reject_unused(names: dict, user: str) -> None:
     given = [name for name, value in names.items() if value is not None]
     if given:
@@ -105,6 +142,8 @@ class SolveSettings(_Frozen):
     adjoint: str = "reversible"
     on_nonfinite: str = "raise"
     replay_rng: bool = True
+    reversal: str | None = None
+    frac_bits: int | None = None
 
     def __post_init__(self):
         choice("adjoint", self.adjoint, REVERSIBLE_ADJOINTS)
@@ -113,6 +152,13 @@ class SolveSettings(_Frozen):
         _checkpoint_every(self.checkpoint_every)
         self._set(beta=coupling("beta", self.beta), max_steps=count("max_steps", self.max_steps),
                   tol=tolerance("tol", self.tol), replay_rng=bool(self.replay_rng))
+        _reversal(self, None if self.adjoint == "reversible" else
+                  f"adjoint={self.adjoint!r} differentiates through the forward graph instead")
+
+    @property
+    def resolved_reversal(self) -> str:
+        """"float" or "exact": ``reversal``, or what None resolves to."""
+        return self._reversal
 
 
 @dataclass(frozen=True)
@@ -138,6 +184,8 @@ class DEQSettings(_Frozen):
     backend: str | None = None
     on_nonfinite: str = "raise"
     replay_rng: bool = True
+    reversal: str | None = None
+    frac_bits: int | None = None
 
     def __post_init__(self):
         solver, adjoint = self.solver, self.adjoint
@@ -197,10 +245,15 @@ class DEQSettings(_Frozen):
             _reject_unused(dict(checkpoint_every=self.checkpoint_every),
                            f"by adjoint={adjoint!r} (only by 'reversible')")
         _checkpoint_every(self.checkpoint_every)
+        _reversal(self, None if adjoint == "reversible" else f"it needs solver='reversible' and "
+                  f"adjoint='reversible', got solver={solver!r}, adjoint={adjoint!r}")
+
+    resolved_reversal = SolveSettings.resolved_reversal
 
     def reversible_solve(self) -> SolveSettings:
         """The settings of ``solve`` for solver='reversible' with its own adjoints."""
         return SolveSettings(
             beta=self.beta, max_steps=self.max_steps, tol=self.tol, state_dtype=self.state_dtype,
             checkpoint_every=self.checkpoint_every, backend=self.backend, adjoint=self.adjoint,
-            on_nonfinite=self.on_nonfinite, replay_rng=self.replay_rng)
+            on_nonfinite=self.on_nonfinite, replay_rng=self.replay_rng, reversal=self.reversal,
+            frac_bits=self.frac_bits)

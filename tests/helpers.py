@@ -90,3 +90,31 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tens
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300))
+
+
+class ResidualBlock(nn.Module):
+    """A residual, transformer-shaped f(z, x) = z + scale * MLP(LN(z + W x)): expansive (its
+    Jacobian is I + ...), the case where a float reversal drifts. The language model's block
+    has this shape."""
+
+    def __init__(self, width: int = 32, scale: float = 0.5, dropout: float = 0.0):
+        super().__init__()
+        self.inject = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * width, width))
+        self.scale = scale
+
+    def forward(self, z, x):
+        return z + self.scale * self.mlp(self.norm(z + self.inject(x)))
+
+
+def assert_equal_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bitwise equality of two integer tensors, naming the first differing element."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    differ = actual != expected
+    if bool(differ.any()):
+        idx = int(differ.flatten().nonzero()[0])
+        raise AssertionError(f"{what}: {int(differ.sum())}/{differ.numel()} elements differ; first at flat index "
+                             f"{idx}: got {int(actual.flatten()[idx])}, expected {int(expected.flatten()[idx])}")

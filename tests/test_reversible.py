@@ -13,7 +13,7 @@ from tests.helpers import TanhBlock as Block, backend_device_pairs, pair_id, rel
 
 
 def run(adjoint, beta, steps, *, dtype=torch.float64, dropout=0.0, checkpoint_every=None,
-        tol=0.0, z0=False, backend="torch", state_dtype=None, seed=0, batch=4, width=6):
+        tol=0.0, z0=False, backend="torch", state_dtype=None, seed=0, batch=4, width=6, reversal=None):
     """Loss gradients w.r.t. x, z0 and every parameter, for one fixed set of weights/inputs."""
     torch.manual_seed(seed)
     f = Block(width, dropout).to(dtype)
@@ -21,7 +21,8 @@ def run(adjoint, beta, steps, *, dtype=torch.float64, dropout=0.0, checkpoint_ev
     start = torch.randn(batch, width, dtype=dtype, requires_grad=True) if z0 else None
     torch.manual_seed(seed + 1)  # the solve draws its per-evaluation seeds from here
     sol = rk.solve(f, x, start, beta=beta, max_steps=steps, tol=tol, adjoint=adjoint,
-                   checkpoint_every=checkpoint_every, backend=backend, state_dtype=state_dtype)
+                   checkpoint_every=checkpoint_every, backend=backend, state_dtype=state_dtype,
+                   reversal=reversal if adjoint == "reversible" else None)
     loss = (sol.z.double().square().sum() + sol.z.double().sin().sum())
     loss.backward()
     grads = [x.grad] + ([start.grad] if z0 else []) + [p.grad for p in f.parameters()]
@@ -60,7 +61,7 @@ def test_gradcheck_tiny():
 
 def test_checkpoints_bound_the_drift():
     want, _ = run("unrolled", 0.8, 20)
-    plain, plain_sol = run("reversible", 0.8, 20)
+    plain, plain_sol = run("reversible", 0.8, 20, reversal="float")
     checkpointed, ck_sol = run("reversible", 0.8, 20, checkpoint_every=4)
     err_plain, err_ck = relative_error(plain, want), relative_error(checkpointed, want)
     assert err_ck <= 1e-9, f"checkpoint_every=4: gradient error {err_ck:.3g} > 1e-9"
@@ -71,6 +72,7 @@ def test_checkpoints_bound_the_drift():
 
 
 def saved_bytes(steps: int, checkpoint_every=None, grad=True, adjoint="reversible") -> int:
+    """Saved-for-backward bytes of the float reversal (the exact one: tests/test_exact_reversal.py)."""
     total = 0
 
     def pack(t):
@@ -84,7 +86,7 @@ def saved_bytes(steps: int, checkpoint_every=None, grad=True, adjoint="reversibl
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.set_grad_enabled(grad):
             rk.solve(f, x, beta=0.5, max_steps=steps, tol=0, backend="torch", checkpoint_every=checkpoint_every,
-                     adjoint=adjoint)
+                     adjoint=adjoint, reversal="float" if adjoint == "reversible" else None)
     return total
 
 
@@ -155,7 +157,7 @@ def test_without_rng_replay_dropout_gradients_are_wrong():
     f = Block(6, dropout=0.3).double()
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(1)
-    sol = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch", replay_rng=False)
+    sol = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch", replay_rng=False, reversal="float")
     sol.z.sum().backward()
     assert sol.reconstruction_error > 1e-3, "unreplayed dropout should break the reconstruction"
 

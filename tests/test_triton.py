@@ -2,7 +2,9 @@
 not make: autotuning applies an in-place update exactly once, long rows are split over
 many programs and summed in a fixed order, 16-bit stores round to nearest even bit for
 bit, and the GPU build of every kernel compiles (for sm_90, no GPU needed) with correctly
-rounded division. Runs under the interpreter on CPU, on the GPU when there is one."""
+rounded division, and the reversal="exact" kernels (``triton_exact.py``) with an unfused
+quantisation multiply and constant divisors. Runs under the interpreter on CPU, on the GPU
+when there is one."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ pytest.importorskip("triton", reason="the triton backend needs the triton packag
 
 import triton  # noqa: E402
 
-from revdeq_kernels import ops  # noqa: E402
-from revdeq_kernels.ops import reference, triton_ops as tk  # noqa: E402
+from revdeq_kernels import fixed_point as fp, ops  # noqa: E402
+from revdeq_kernels.ops import reference, triton_exact as te, triton_ops as tk  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 DEVICE = "cpu" if tk.INTERPRETED else "cuda"
@@ -134,6 +136,91 @@ def test_sizes_in_one_power_of_two_bucket_share_one_tuning():
     assert len(kernels.relax.cache) == 1, f"tuned {len(kernels.relax.cache)} times for one size bucket"
     tk.launch_relax(make((1025,)), make((1025,), seed=1), BETA, False, kernels)
     assert len(kernels.relax.cache) == 2, "a size in the next bucket did not get its own tuning"
+
+
+EXACT_RATIO = fp.beta_ratio(0.8)  # 1 - beta = 1/5: a constant divisor
+EXACT_FRAC_BITS = 32
+
+
+def _exact_tensors():
+    shape = (3, 1000)
+    g = torch.Generator().manual_seed(11)
+    f = torch.randn(shape, generator=g, dtype=torch.float64)
+    f[1, 17] = 1e30  # |q| >= 2**62: flag 2, so the flags are written too
+    return {"state": fp.to_fixed(make(shape, torch.float64, 12), EXACT_FRAC_BITS),
+            "digits": torch.randint(0, 2**40, shape, generator=g, dtype=torch.int64).to(DEVICE),
+            "f": f.to(device=DEVICE, dtype=torch.float32),
+            "z": fp.to_fixed(make(shape, torch.float64, 13), EXACT_FRAC_BITS),
+            "flags": torch.zeros(8, dtype=torch.int32, device=DEVICE)}
+
+
+def _exact_args(t):
+    return (t["f"], t["flags"], 3, EXACT_RATIO.numerator, EXACT_RATIO.denominator, EXACT_FRAC_BITS)
+
+
+EXACT_UPDATES = {  # op -> (launch through a given kernel set, the reference, its tuned kernel)
+    "exact_relax_": (
+        lambda kernels, t: te.launch_exact(t["state"], t["digits"], *_exact_args(t), False, kernels),
+        lambda t: reference.exact_relax_(t["state"], t["digits"], *_exact_args(t)), "elementwise"),
+    "exact_unrelax_": (
+        lambda kernels, t: te.launch_exact(t["state"], t["digits"], *_exact_args(t), True, kernels),
+        lambda t: reference.exact_unrelax_(t["state"], t["digits"], *_exact_args(t)), "elementwise"),
+    "exact_relax_residual_": (
+        lambda kernels, t: t.update(sums=te.launch_exact_row_sums(
+            t["state"], t["digits"], t["z"], *_exact_args(t), kernels)),
+        lambda t: t.update(sums=reference.exact_relax_residual_(t["state"], t["digits"], t["z"], *_exact_args(t))),
+        "row_sums"),
+}
+
+
+def _tuned_exact_kernels(restore_written=True):
+    # row_chunk=256: a 1000-element row spreads over 4 chunks, whose partials a second stage adds.
+    return te.build_exact_kernels(ELEMENTWISE_CONFIGS, ROW_CONFIGS, row_chunk=256, partials_block=4,
+                                  restore_written=restore_written)
+
+
+def _assert_exact_equal(got, expected, what):
+    for key in ("state", "digits", "flags"):
+        assert torch.equal(got[key], expected[key]), (
+            f"{what} [{key}]: {int((got[key] != expected[key]).sum())} elements differ from the reference")
+    for got_sum, expected_sum in zip(got.get("sums", ()), expected.get("sums", ())):
+        assert_close(got_sum, expected_sum, 1e-12 * expected_sum, f"{what} sums")
+
+
+@pytest.mark.parametrize("name", list(EXACT_UPDATES))
+def test_autotuning_applies_an_exact_update_once(name):
+    """The exact kernels write the state, its digit plane and the flags: all three are
+    restored after each trial, so the tuned call writes the reference's bits."""
+    launch, apply_reference, tuner_name = EXACT_UPDATES[name]
+    inputs = _exact_tensors()
+    expected = _clone(inputs)
+    apply_reference(expected)
+    assert int(expected["flags"][3]) == 2, "the test input should set the range flag"
+
+    kernels = _tuned_exact_kernels()
+    got = _clone(inputs)
+    launch(kernels, got)
+    tuner = getattr(kernels, tuner_name)
+    assert len(tuner.configs_timings) == len(tuner.configs) > 1, (
+        f"{name}: the tuner benchmarked {len(tuner.configs_timings)} of {len(tuner.configs)} configs")
+    _assert_exact_equal(got, expected, f"{name} after autotuning with {len(tuner.configs)} configs")
+    launch(kernels, got)  # the cached choice: still one application per call
+    apply_reference(expected)
+    _assert_exact_equal(got, expected, f"{name}, second call")
+
+
+@pytest.mark.parametrize("name", ["exact_relax_", "exact_relax_residual_"])
+def test_exact_autotuning_without_restoring_would_repeat_the_update(name):
+    """The control for the test above: without restore_value the digits take one digit
+    per trial, so the test above can fail."""
+    launch, apply_reference, _ = EXACT_UPDATES[name]
+    inputs = _exact_tensors()
+    expected = _clone(inputs)
+    apply_reference(expected)
+    got = _clone(inputs)
+    launch(_tuned_exact_kernels(restore_written=False), got)
+    assert not torch.equal(got["state"], expected["state"]) and not torch.equal(got["digits"], expected["digits"]), (
+        f"{name}: tuning without restore_value changed nothing extra")
 
 
 ROW_SPLITS = {  # id -> (kernel set, shape)
@@ -286,6 +373,69 @@ def compile_for_sm90() -> dict:
     return ptx
 
 
+# (n, d) of 1 - beta -> whether the kernel divides by runtime values (no constant for that ratio).
+EXACT_COMPILED_RATIOS = {(1, 5): False, (-1, 5): False, (3, 4): False, (1, 2): False, (3, 7): True, (5, 8): True}
+
+
+def compile_exact_for_sm90() -> dict:
+    """PTX of the reversal="exact" kernels for sm_90, with the options their launchers pass
+    (``te.LAUNCH_OPTIONS``); as compile_for_sm90, in a process with TRITON_INTERPRET=0."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert not tk.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
+    scalars = {"step": "i32", "n": "i32", "tuning_bucket": "i32", "d": "i32", "an": "i32", "scale": "fp64",
+               "unscale": "fp64", "n_rows": "i32", "row_len": "i64", "chunks_per_row": "i32"}
+
+    def compile(kernel, types, constants, aligned=(), num_warps=4):
+        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+        source = ASTSource(kernel, signature, constants, attrs)
+        options = {"num_warps": num_warps, **te.LAUNCH_OPTIONS}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    ptx = {}
+    f_dtypes = {(1, 5): "fp32", (-1, 5): "bf16", (3, 4): "fp16", (1, 2): "fp64", (3, 7): "fp32", (5, 8): "bf16"}
+    for (numerator, denominator), f in f_dtypes.items():
+        types = {**scalars, **{name: "*i64" for name in ("state_ptr", "y_ptr", "digits_ptr", "z_ptr")},
+                 "f_ptr": "*" + f, "flags_ptr": "*i32", "residual_partials_ptr": "*fp64", "f_partials_ptr": "*fp64"}
+        ratio = te.ratio_constants(numerator, denominator)
+        for inverse in (False, True):
+            ptx["exact", numerator, denominator, inverse] = compile(
+                te.exact_kernel, types, dict(INVERSE=inverse, BLOCK=2048, **ratio),
+                aligned=("state_ptr", "digits_ptr", "f_ptr", "n"), num_warps=8)
+        ptx["exact_rows", numerator, denominator] = compile(
+            te.exact_row_sums_kernel, types, dict(CHUNK=16384, ROWS=2, COLS=1024, **ratio), num_warps=8)
+    return ptx
+
+
+def check_exact_gpu_build() -> None:
+    """The compiled exact kernels: the quantisation multiply stays a separately rounded
+    mul.rn.f64 (no FMA anywhere), the rint construction's 2**52 additions are there, each
+    program ORs its flags with one atomic, and the divisors of the specialised ratios are
+    constants (multiply-high, no 64-bit division)."""
+    ptx = compile_exact_for_sm90()
+    for variant, code in ptx.items():
+        assert "mul.rn.f64" in code, f"{variant}: the quantisation multiply is not an unfused mul.rn.f64"
+        assert not re.search(r"\bfma\.", code), f"{variant}: an FMA contraction (fp fusion must be off)"
+        assert "add.rn.f64" in code and "0d4330000000000000" in code, f"{variant}: no rint by 2**52 additions"
+        # The non-finite test compares with the float64 maximum (as a float32 literal it would be Inf),
+        # and no flush-to-zero: a subnormal f quantises like the reference's.
+        assert "0d7FEFFFFFFFFFFFFF" in code and ".ftz" not in code, f"{variant}: non-finite test or ftz"
+        assert len(re.findall(r"\batom\.", code)) == 1, f"{variant}: expected one flags atomic per program"
+        runtime_divisor = EXACT_COMPILED_RATIOS[variant[1], variant[2]]
+        divides = bool(re.search(r"\b(div|rem)\.s64", code))
+        assert divides == runtime_divisor, (
+            f"{variant}: {'a' if divides else 'no'} 64-bit division, expected "
+            f"{'runtime divisors' if runtime_divisor else 'constant divisors'}")
+    assert "ld.global.v2.b64" in ptx["exact", 1, 5, False], "aligned int64 loads are not 16-byte vectors"
+    flags = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # CPU tensors, compiled kernels
+        te.exact_relax_(torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64),
+                        torch.zeros(2, 4), flags, 0, 1, 5, 32)
+    print(f"compiled {len(ptx)} exact variants")
+
+
 def check_gpu_build() -> None:
     """Run by the test below in a non-interpreting process."""
     ptx = compile_for_sm90()
@@ -296,6 +446,7 @@ def check_gpu_build() -> None:
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         tk.relax_(torch.zeros(2, 4), torch.zeros(2, 4), 0.5)  # CPU tensors, compiled kernels
     print(f"compiled {len(ptx)} variants")
+    check_exact_gpu_build()
 
 
 def test_gpu_kernels_compile_for_sm90_with_correct_rounding():
@@ -309,6 +460,7 @@ def test_gpu_kernels_compile_for_sm90_with_correct_rounding():
     command = "import tests.test_triton as t; t.check_gpu_build()"
     result = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=root,
                             env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
-    assert result.returncode == 0 and "compiled 10 variants" in result.stdout, (
+    assert result.returncode == 0 and "compiled 10 variants" in result.stdout and (
+            f"compiled {3 * len(EXACT_COMPILED_RATIOS)} exact variants" in result.stdout), (
         f"compiling the Triton kernels for sm_90 failed (exit {result.returncode}):\n"
         f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")

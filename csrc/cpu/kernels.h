@@ -11,6 +11,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../checks.h"
+
 // The AVX2 build needs GCC's `#pragma GCC target` on x86-64 (see kernels_avx2.cpp).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define REVDEQ_CPU_HAVE_AVX2 1
@@ -33,6 +35,15 @@ struct KernelTable {
   // scale_after=true:  s = grad + vjp; grad <- (1-b) s; cotangent <- b s
   void (*adjoint)(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& cotangent,
                   double beta, bool scale_after);
+  // reversal="exact" (revdeq_kernels/ops/reference.py has the arithmetic): int64 state and
+  // digit plane; flags[params.step] |= kFlagNonfinite / kFlagRange.
+  // inverse=false: state <- mul(state, digits) + q;  inverse=true: state <- mul^-1(state - q)
+  void (*exact)(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& f_out,
+                const at::Tensor& flags, const ExactParams& params, bool inverse);
+  // exact(y, ...) and the float64 per-sample sums of (z * 2^-frac_bits - f)^2 and f^2.
+  void (*exact_residual)(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
+                         const at::Tensor& f_out, const at::Tensor& flags, const ExactParams& params,
+                         const at::Tensor& sq_res, const at::Tensor& sq_f);
 };
 
 namespace DEFAULT {

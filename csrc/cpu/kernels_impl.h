@@ -1,4 +1,4 @@
-// CPU kernel templates of the five revdeq_native ops. Included by kernels_default.cpp and
+// CPU kernel templates of the revdeq_native ops (the exact ones: exact_impl.h). Included by kernels_default.cpp and
 // kernels_avx2.cpp, each after defining CPU_CAPABILITY (DEFAULT or AVX2): the code below
 // lands in revdeq::cpu::<CPU_CAPABILITY> and uses at::vec::<CPU_CAPABILITY>::Vectorized.
 //
@@ -31,6 +31,8 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -425,8 +427,11 @@ void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& co
 #undef REVDEQ_DISPATCH_STATE
 #undef REVDEQ_DISPATCH_F
 
+#include "exact_impl.h"
+
 }  // namespace
 
-const KernelTable kernels = {C10_STRINGIZE(CPU_CAPABILITY), &relax, &residual, &adjoint};
+const KernelTable kernels = {C10_STRINGIZE(CPU_CAPABILITY), &relax, &residual, &adjoint,
+                             &exact::update, &exact::residual};
 
 }  // namespace revdeq::cpu::CPU_CAPABILITY

@@ -1,4 +1,5 @@
-// CUDA kernels of the five revdeq_native ops (the math: revdeq_kernels/ops/reference.py).
+// CUDA kernels of the five float revdeq_native ops (the math: revdeq_kernels/ops/reference.py;
+// the reversal="exact" ones are in exact.cu, the shared pieces in common.cuh).
 // host_ops.h checks the arguments; module_cuda.cpp sets the device guard and registers the ops.
 //
 // Design
@@ -21,7 +22,6 @@
 //   memory. Tasks of a split row write double partials that a second kernel adds in chunk
 //   order. No atomics: the sums depend on the shapes, dtypes and pointer alignment only,
 //   never on the grid or the GPU, and repeat bit for bit.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,26 +32,13 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernels.cuh"
+#include "common.cuh"
 
 namespace revdeq::cuda {
 namespace {
 
 template <typename state_t>
 using acc_t_of = std::conditional_t<std::is_same_v<state_t, double>, double, float>;
-
-constexpr int kThreads = 256;  // every kernel's block size (team_sum relies on it)
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
-constexpr int64_t kChunk = 16384;  // elements per partial sum of a long row
-
-// Elements per vector: 16 bytes of the narrowest of the tensors Ts.
-template <typename... Ts>
-constexpr int kVec = static_cast<int>(16 / std::min({sizeof(Ts)...}));
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
@@ -61,33 +48,6 @@ __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, 
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
-
-// N elements moved as 16-byte accesses; N * sizeof(T) is 16, 32 or 64 bytes.
-template <typename T, int N>
-struct alignas(16) Pack {
-  static_assert(N * sizeof(T) % 16 == 0, "a pack is a whole number of 16-byte accesses");
-  T v[N];
-};
-
-template <int N, typename acc_t, typename T>
-__device__ __forceinline__ void load_vec(const T* p, acc_t (&out)[N]) {
-  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    out[k] = static_cast<acc_t>(pack.v[k]);
-  }
-}
-
-// Rounds to nearest even, as Tensor.copy_ does (double -> bf16/fp16 through float).
-template <int N, typename T, typename acc_t>
-__device__ __forceinline__ void store_vec(T* p, const acc_t (&in)[N]) {
-  Pack<T, N> pack;
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    pack.v[k] = static_cast<T>(in[k]);
-  }
-  *reinterpret_cast<Pack<T, N>*>(p) = pack;
-}
 
 // s <- (1-b) s + b f (one FMA over the rounded b f, as the CPU's AVX2 kernels), or the
 // inverse s <- (s - b f) / (1-b) with a correctly rounded division.
@@ -122,33 +82,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = vectors * V + first; i < n; i += stride) {
     s[i] = static_cast<state_t>(relax_one<kInverse>(static_cast<acc_t>(s[i]),
                                                     static_cast<acc_t>(f[i]), one_minus_b, b));
-  }
-}
-
-// Adds a and b over a team of `team` threads (a power of two <= kThreads; teams are the
-// consecutive aligned groups of threadIdx.x) in a fixed order; the sums land in the team's
-// first thread. Every thread of the block calls it, equally often: it syncs the block.
-__device__ __forceinline__ void team_sum(double& a, double& b, int team,
-                                         double (&shared)[2][kWarps]) {
-  // The butterfly leaves the same bits in every lane: x + y == y + x in IEEE arithmetic.
-  for (int offset = (team < kWarpSize ? team : kWarpSize) / 2; offset > 0; offset /= 2) {
-    a += __shfl_xor_sync(0xffffffffu, a, offset);
-    b += __shfl_xor_sync(0xffffffffu, b, offset);
-  }
-  if (team > kWarpSize) {
-    const int warp = threadIdx.x / kWarpSize;
-    if (threadIdx.x % kWarpSize == 0) {
-      shared[0][warp] = a;
-      shared[1][warp] = b;
-    }
-    __syncthreads();
-    if (threadIdx.x % team == 0) {  // lane 0 of the team's first warp: a, b are that warp's
-      for (int w = 1; w < team / kWarpSize; ++w) {
-        a += shared[0][warp + w];
-        b += shared[1][warp + w];
-      }
-    }
-    __syncthreads();  // shared is rewritten by the next call
   }
 }
 
@@ -234,26 +167,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Second pass for split rows: out_*[row] = the row's chunk partials, in a fixed order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    finish_sums_kernel(const double* partial, int64_t rows, int64_t chunks, acc_t* out_res,
-                       acc_t* out_f) {
-  __shared__ double shared[2][kWarps];
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // block-uniform
-    double res = 0.0, sq_f = 0.0;
-    for (int64_t c = row * chunks + threadIdx.x; c < (row + 1) * chunks; c += kThreads) {
-      res += partial[2 * c];
-      sq_f += partial[2 * c + 1];
-    }
-    team_sum(res, sq_f, kThreads, shared);
-    if (threadIdx.x == 0) {
-      out_res[row] = static_cast<acc_t>(res);
-      out_f[row] = static_cast<acc_t>(sq_f);
-    }
-  }
-}
-
 // Reads grad, vjp; writes grad, cotangent: 1 pass, 4 tensor-sized memory streams.
 // The eager composites are 3 passes and 7 streams each (plus an allocation for cot):
 //   y half-step (scale_after):  gy += v (3 streams); cot = b * gy (2); gy *= 1-b (2)
@@ -289,29 +202,6 @@ __global__ void __launch_bounds__(kThreads)
     c[i] = static_cast<cot_t>(mul_rn(t, b));
   }
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-// The grid for `blocks` blocks' worth of work: at most one wave of resident blocks (the
-// kernels loop over the rest).
-int grid_for(int64_t blocks, const Launch& launch) {
-  const int64_t wave = std::max(1, launch.resident_threads / kThreads);
-  return static_cast<int>(std::clamp<int64_t>(blocks, 1, wave));
-}
-
-// The smallest power of two >= the task's vector count, at most a block.
-int team_size(int64_t vectors) {
-  int team = 1;
-  while (team < vectors && team < kThreads) {
-    team *= 2;
-  }
-  return team;
-}
-
-#define REVDEQ_DISPATCH_STATE(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-#define REVDEQ_DISPATCH_F(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 }  // namespace
 
@@ -423,8 +313,5 @@ void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& co
     });
   });
 }
-
-#undef REVDEQ_DISPATCH_STATE
-#undef REVDEQ_DISPATCH_F
 
 }  // namespace revdeq::cuda

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <cuda_runtime_api.h>
 
+#include "../checks.h"
+
 namespace revdeq::cuda {
 
 // Where to launch, read by the caller under its device guard.
@@ -30,5 +32,17 @@ void residual(const at::Tensor& y, const at::Tensor& z, const at::Tensor& f_out,
 // scale_after=true:  s = grad + vjp; grad <- (1-b) s; cotangent <- b s
 void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& cotangent,
              double beta, bool scale_after, const Launch& launch);
+
+// reversal="exact" (revdeq_kernels/ops/reference.py has the arithmetic): int64 state and
+// digit plane, f_out of any f dtype, flags[params.step] |= kFlagNonfinite / kFlagRange.
+// inverse=false: state <- mul(state, digits) + q;  inverse=true: state <- mul^-1(state - q)
+void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& f_out,
+           const at::Tensor& flags, const ExactParams& params, bool inverse, const Launch& launch);
+
+// exact(y, ...) and, from the same read of f_out, the float64 per-sample sums of
+// (z * 2^-frac_bits - f)^2 and f^2 (sq_* of shape [B], float64).
+void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
+                    const at::Tensor& f_out, const at::Tensor& flags, const ExactParams& params,
+                    const at::Tensor& sq_res, const at::Tensor& sq_f, const Launch& launch);
 
 }  // namespace revdeq::cuda

@@ -50,6 +50,7 @@ class LMConfig:
     max_steps: int = 4              # DEQ steps (2 evaluations of the block each)
     tol: float = 1e-3               # DEQ stop tolerance on the relative residual (0: always max_steps)
     state_dtype: str | None = None  # DEQ states: float32 | float64 | bfloat16 | null (= the activations')
+    reversal: str | None = None     # how the backward rebuilds the states: exact | float | null (= exact)
     backend: str | None = None      # kernel backend of the state updates (null: $REVDEQ_BACKEND or auto)
     tie_embeddings: bool = True     # the LM head shares the token-embedding matrix
     # --- data ---
@@ -102,9 +103,12 @@ class LMConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
         try:  # the solver's own validation, so that the config accepts exactly what the solver does
-            SolveSettings(beta=self.beta, max_steps=self.max_steps, tol=self.tol)
+            SolveSettings(beta=self.beta, max_steps=self.max_steps, tol=self.tol,
+                          reversal=self.reversal if self.method == "reversible" else None)
         except SettingError as error:
             need(False, error.name, error.reason)
+        need(self.reversal is None or self.method == "reversible", "reversal",
+             f"'{self.reversal}' applies to method=reversible only (method is {self.method})")
         need(self.state_dtype in STATE_DTYPES + (None,), "state_dtype",
              f"must be one of {', '.join(STATE_DTYPES)} or null")
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")

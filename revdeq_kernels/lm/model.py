@@ -43,6 +43,7 @@ class TransformerLM(nn.Module):
             self.deq = rk.ReversibleDEQ(
                 make_block(), beta=cfg.beta, max_steps=cfg.max_steps, tol=cfg.tol,
                 state_dtype=state_dtype_of(cfg), backend=cfg.backend, adjoint=cfg.method,
+                reversal=cfg.reversal if cfg.method == "reversible" else None,
                 # a non-finite state gives a non-finite loss, which the training loop
                 # turns into a clean stop on every rank (an exception on one rank would
                 # leave the others waiting in an all-reduce)

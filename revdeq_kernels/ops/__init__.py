@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference  # noqa: F401  (importable, not advertised)
-from .checks import F_DTYPES, STATE_DTYPES, check_beta, check_read, check_written
+from .checks import F_DTYPES, STATE_DTYPES, check_beta, check_exact, check_read, check_written
 from ._library import SCHEMAS, op  # noqa: F401
 from .dispatch import BACKENDS, ENV_BACKEND, BackendInfo, backends, namespace_of, resolve_backend  # noqa: F401
 
@@ -19,7 +19,7 @@ from .dispatch import BACKENDS, ENV_BACKEND, BackendInfo, backends, namespace_of
 # importable from here for the package and its tests.
 __all__ = [
     "relax_", "unrelax_", "relax_residual_", "residual_norms", "adjoint_accumulate_",
-    "backends", "BACKENDS",
+    "exact_relax_", "exact_unrelax_", "exact_relax_residual_", "backends", "BACKENDS",
 ]
 
 
@@ -87,3 +87,34 @@ def adjoint_accumulate_(
     _run("adjoint_accumulate_", backend, grad.device, grad, vjp, cotangent, check_beta(beta),
          bool(scale_after))
     return grad
+
+
+# reversal="exact" (see fixed_point.py): int64 states and digit planes, 1 - beta = n/d.
+# flags[step] gets bit 1 when f_out holds a NaN/Inf and bit 2 when a value leaves the
+# range |h| < 2**62; the solver reads the flag vector once per solve (no sync per step).
+
+def exact_relax_(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, step: int, numerator: int,
+                 denominator: int, frac_bits: int, *, backend: str | None = None) -> Tensor:
+    """state <- state * n/d + rint(f_out * beta * 2**frac_bits), exactly: the remainder of
+    the multiplication goes into ``digits``. Returns ``state``."""
+    args = check_exact("state", state, digits, f_out, flags, step, numerator, denominator, frac_bits)
+    _run("exact_relax_", backend, state.device, state, digits, f_out, flags, *args)
+    return state
+
+
+def exact_unrelax_(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, step: int, numerator: int,
+                   denominator: int, frac_bits: int, *, backend: str | None = None) -> Tensor:
+    """The exact inverse of exact_relax_: restores ``state`` and ``digits`` bit for bit."""
+    args = check_exact("state", state, digits, f_out, flags, step, numerator, denominator, frac_bits)
+    _run("exact_unrelax_", backend, state.device, state, digits, f_out, flags, *args)
+    return state
+
+
+def exact_relax_residual_(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, flags: Tensor, step: int,
+                          numerator: int, denominator: int, frac_bits: int, *,
+                          backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """exact_relax_ on y, fused with the stop test: per-sample float64 sums of
+    (z * 2**-frac_bits - f_out)^2 and f_out^2 from the same read of f_out."""
+    args = check_exact("y", y, digits, f_out, flags, step, numerator, denominator, frac_bits)
+    check_read("z", z, "y", y, (torch.int64,))
+    return _run("exact_relax_residual_", backend, y.device, y, digits, z, f_out, flags, *args)

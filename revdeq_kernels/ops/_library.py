@@ -22,6 +22,8 @@ from torch import Tensor
 
 from . import reference
 
+_EXACT_ARGS = "Tensor f_out, Tensor(c!) flags, int step, int numerator, int denominator, int frac_bits)"
+
 SCHEMAS: dict[str, str] = {
     "relax_": "(Tensor(a!) state, Tensor f_out, float beta) -> ()",
     "unrelax_": "(Tensor(a!) state, Tensor f_out, float beta) -> ()",
@@ -30,6 +32,10 @@ SCHEMAS: dict[str, str] = {
     "adjoint_accumulate_": (
         "(Tensor(a!) grad, Tensor vjp, Tensor(b!) cotangent, float beta, bool scale_after) -> ()"
     ),
+    # reversal="exact": int64 states and digit planes, 1 - beta = numerator/denominator
+    "exact_relax_": "(Tensor(a!) state, Tensor(b!) digits, " + _EXACT_ARGS + " -> ()",
+    "exact_unrelax_": "(Tensor(a!) state, Tensor(b!) digits, " + _EXACT_ARGS + " -> ()",
+    "exact_relax_residual_": "(Tensor(a!) y, Tensor(b!) digits, Tensor z, " + _EXACT_ARGS + " -> (Tensor, Tensor)",
 }
 
 NAMESPACES = {"torch": "revdeq_torch", "native": "revdeq_native", "triton": "revdeq_triton"}
@@ -48,6 +54,11 @@ def _fake_relax_residual(y: Tensor, z: Tensor, f_out: Tensor, beta: float) -> tu
     return _fake_norms(y, f_out)
 
 
+def _fake_exact_residual(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, *args) -> tuple[Tensor, Tensor]:
+    batch = y.shape[0]
+    return y.new_empty((batch,), dtype=torch.float64), y.new_empty((batch,), dtype=torch.float64)
+
+
 def _fake_none(*args) -> None:
     return None
 
@@ -58,6 +69,9 @@ _FAKES = {
     "relax_residual_": _fake_relax_residual,
     "residual_norms": _fake_norms,
     "adjoint_accumulate_": _fake_none,
+    "exact_relax_": _fake_none,
+    "exact_unrelax_": _fake_none,
+    "exact_relax_residual_": _fake_exact_residual,
 }
 
 

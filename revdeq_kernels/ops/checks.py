@@ -49,3 +49,29 @@ def check_beta(beta: float, inverse: bool = False) -> float:
     if inverse and beta == 1.0:
         raise ValueError("unrelax_ divides by 1 - beta; beta = 1 has no inverse")
     return beta
+
+
+MAX_DENOMINATOR = 64
+
+
+def check_exact(state_name: str, state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, step: int,
+                numerator: int, denominator: int, frac_bits: int) -> tuple[int, int, int, int]:
+    """The arguments of the exact ops: int64 state and digit plane of one shape, an int32
+    flag vector with ``step`` in it, 0 < |numerator| < denominator <= 64, 0 <= frac_bits <= 62."""
+    check_written(state_name, state, (torch.int64,))
+    check_written("digits", digits, (torch.int64,))
+    check_read("digits", digits, state_name, state, (torch.int64,))
+    check_read("f_out", f_out, state_name, state)
+    _check_tensor("flags", flags, (torch.int32,))
+    if flags.dim() != 1 or not flags.is_contiguous() or flags.device != state.device:
+        raise ValueError(f"flags must be a contiguous 1-D int32 tensor on {state.device}, got shape "
+                         f"{tuple(flags.shape)} on {flags.device}")
+    step, numerator, denominator, frac_bits = (int(v) for v in (step, numerator, denominator, frac_bits))
+    if not 0 <= step < flags.numel():
+        raise ValueError(f"step {step} is outside flags (length {flags.numel()})")
+    if not (0 < abs(numerator) < denominator <= MAX_DENOMINATOR):
+        raise ValueError(f"1 - beta = {numerator}/{denominator} must have 0 < |numerator| < denominator "
+                         f"<= {MAX_DENOMINATOR}")
+    if not 0 <= frac_bits <= 62:
+        raise ValueError(f"frac_bits must be in [0, 62], got {frac_bits}")
+    return step, numerator, denominator, frac_bits

@@ -23,6 +23,8 @@ Semantics (``b`` is beta, all updates in place on the first argument):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -79,3 +81,88 @@ def adjoint_accumulate_(
         total = (1.0 - beta) * g + v
         grad.copy_(total)
         cotangent.copy_(beta * total)
+
+
+# ---------------------------------------------------------------- reversal="exact"
+# Integer states h (int64, value h * 2**-frac_bits), digit planes B (int64, >= 0) and
+# 1 - b = n/d (0 < |n| < d). Integer division and remainder are floor-rounded (remainders
+# in [0, divisor)), as Python's // and %. Every backend quantises b * f the same way,
+#     q = rint(float64(f) * scale),  scale = ldexp((d - n) / d, frac_bits)  (one IEEE multiply),
+# so q, and with it every written bit, depends on f's bits only. Invalid lanes (f NaN/Inf,
+# or |q| >= 2**62) add q = 0 and set a bit in flags[step]: 1 for a non-finite f, 2 for a
+# value out of the range |h| < 2**62 (also set when an updated state leaves it).
+#
+# - ``exact_relax_(h, B, f, flags, step, n, d, F)``
+#       h <- mul(h, B) + q          mul: B = B*d + (h mod d); h = h div d;
+#                                        h = h*|n| + (B mod |n|); B = B div |n|; h = sign(n) h
+# - ``exact_unrelax_(h, B, f, flags, step, n, d, F)``
+#       h <- mul^-1(h - q, B)       (exact inverse: restores h and B bit for bit)
+# - ``exact_relax_residual_(y, B, z, f, flags, step, n, d, F)``
+#       exact_relax_ on y, and per sample the float64 sums of (z * 2**-F - f)^2 and f^2
+
+_RANGE = 2**62
+
+
+def _quantised(f_out: Tensor, numerator: int, denominator: int, frac_bits: int, flags: Tensor, step: int):
+    scale = math.ldexp((denominator - numerator) / denominator, frac_bits)
+    q = torch.round(f_out.to(torch.float64) * scale)
+    nonfinite = ~torch.isfinite(q)
+    out_of_range = ~nonfinite & (q.abs() >= float(_RANGE))  # float64: no wrap
+    _flag(flags, step, nonfinite, out_of_range)
+    return torch.where(nonfinite | out_of_range, 0.0, q).to(torch.int64)
+
+
+def _outside(h: Tensor) -> Tensor:
+    return (h >= _RANGE) | (h <= -_RANGE)  # not h.abs(): it wraps at -2**63
+
+
+def _flag(flags: Tensor, step: int, nonfinite: Tensor, out_of_range: Tensor) -> None:
+    bits = nonfinite.any().to(torch.int32) + 2 * out_of_range.any().to(torch.int32)
+    flags[step] = flags[step] | bits
+
+
+def _multiply(h: Tensor, digits: Tensor, numerator: int, denominator: int) -> Tensor:
+    magnitude = abs(numerator)
+    digits.mul_(denominator).add_(torch.remainder(h, denominator))
+    h = torch.div(h, denominator, rounding_mode="floor")
+    h = h * magnitude + torch.remainder(digits, magnitude)
+    digits.copy_(torch.div(digits, magnitude, rounding_mode="floor"))
+    return -h if numerator < 0 else h
+
+
+def _divide(h: Tensor, digits: Tensor, numerator: int, denominator: int) -> Tensor:
+    magnitude = abs(numerator)
+    h = -h if numerator < 0 else h
+    digits.mul_(magnitude).add_(torch.remainder(h, magnitude))
+    h = torch.div(h, magnitude, rounding_mode="floor")
+    h = h * denominator + torch.remainder(digits, denominator)
+    digits.copy_(torch.div(digits, denominator, rounding_mode="floor"))
+    return h
+
+
+def exact_relax_(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, step: int,
+                 numerator: int, denominator: int, frac_bits: int) -> None:
+    q = _quantised(f_out, numerator, denominator, frac_bits, flags, step)
+    h = _multiply(state.clone(), digits, numerator, denominator) + q
+    _flag(flags, step, torch.zeros((), dtype=torch.bool, device=h.device), _outside(h))
+    state.copy_(h)
+
+
+def exact_unrelax_(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, step: int,
+                   numerator: int, denominator: int, frac_bits: int) -> None:
+    h = state - _quantised(f_out, numerator, denominator, frac_bits, flags, step)
+    _flag(flags, step, torch.zeros((), dtype=torch.bool, device=h.device), _outside(h))
+    state.copy_(_divide(h, digits, numerator, denominator))
+
+
+def exact_residual_norms(z: Tensor, f_out: Tensor, frac_bits: int) -> tuple[Tensor, Tensor]:
+    f_rows = rows(f_out).to(torch.float64)
+    diff = rows(z).to(torch.float64) * math.ldexp(1.0, -frac_bits) - f_rows
+    return diff.square().sum(dim=1), f_rows.square().sum(dim=1)
+
+
+def exact_relax_residual_(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, flags: Tensor, step: int,
+                          numerator: int, denominator: int, frac_bits: int) -> tuple[Tensor, Tensor]:
+    sums = exact_residual_norms(z, f_out, frac_bits)
+    exact_relax_(y, digits, f_out, flags, step, numerator, denominator, frac_bits)
+    return sums

@@ -1,6 +1,6 @@
 """Triton backend: launch wrappers for the kernels of ``triton_kernels.py`` and their
 registration into the ``revdeq_triton`` namespace (CUDA tensors, and CPU tensors under
-``TRITON_INTERPRET=1``). Importing this module registers all five ops.
+``TRITON_INTERPRET=1``). Importing this module registers all eight ops (the three exact ones through triton_exact.py).
 
 Autotuning. On GPU the block size and warp count are tuned per size bucket. The tuner
 runs every candidate config several times on the caller's tensors, and these kernels
@@ -78,6 +78,14 @@ _row_tile = {
 }
 
 
+def tuned(kernel, configs, key, written, restore_written: bool = True):
+    """``kernel`` autotuned over ``configs`` per ``key``, restoring the ``written`` pointers
+    around every trial (see the module docstring)."""
+    do_bench = _host_timer_bench if INTERPRETED else None  # None: Triton's GPU benchmark
+    return triton.autotune(configs=configs, key=key, do_bench=do_bench,
+                           restore_value=written if restore_written else None)(kernel)
+
+
 @dataclass(frozen=True)
 class TritonKernels:
     """The tuned launchers of one config set, and how the row sums are split."""
@@ -93,19 +101,13 @@ def build_kernels(elementwise_configs, row_configs, row_chunk: int, *,
                   partials_block: int = PARTIALS_BLOCK, restore_written: bool = True) -> TritonKernels:
     """Autotuned launchers. ``restore_written=False`` exists only so the tests can show
     that the in-place bug it prevents is real; never pass it elsewhere."""
-    do_bench = _host_timer_bench if INTERPRETED else None  # None: Triton's GPU benchmark
-
-    def tuned(kernel, configs, key, written):
-        return triton.autotune(configs=configs, key=key, do_bench=do_bench,
-                               restore_value=written if restore_written else None)(kernel)
-
     return TritonKernels(
-        relax=tuned(relax_kernel, elementwise_configs, ["tuning_bucket", "INVERSE"], ["state_ptr"]),
+        relax=tuned(relax_kernel, elementwise_configs, ["tuning_bucket", "INVERSE"], ["state_ptr"], restore_written),
         # The cotangent is restored too: a vjp aliasing it makes it read-modify-write.
         adjoint=tuned(adjoint_kernel, elementwise_configs, ["tuning_bucket", "SCALE_AFTER"],
-                      ["grad_ptr", "cotangent_ptr"]),
+                      ["grad_ptr", "cotangent_ptr"], restore_written),
         row_sums=tuned(triton.heuristics(_row_tile)(row_sums_kernel), row_configs,
-                       ["tuning_bucket", "UPDATE"], ["y_ptr"]),
+                       ["tuning_bucket", "UPDATE"], ["y_ptr"], restore_written),
         row_chunk=row_chunk,
         partials_block=partials_block,
     )
@@ -299,7 +301,7 @@ _IMPLEMENTATIONS = {
     "residual_norms": residual_norms,
     "adjoint_accumulate_": adjoint_accumulate_,
 }
-assert _IMPLEMENTATIONS.keys() == _library.SCHEMAS.keys(), "one Triton kernel per op schema"
+assert _IMPLEMENTATIONS.keys() <= _library.SCHEMAS.keys(), "one Triton kernel per op schema"  # exact ops: triton_exact
 
 
 def _register() -> None:
@@ -310,3 +312,5 @@ def _register() -> None:
 
 
 _register()
+
+from . import triton_exact  # noqa: E402,F401  (registers the three reversal="exact" ops)

@@ -1,0 +1,264 @@
+"""How the backward pass gets the forward's states back: the two ``reversal`` modes.
+
+``FloatReversal`` keeps y and z in floating point and inverts each update by division
+(``unrelax_``): cheap, and exact only as far as rounding allows; the error is measured and
+reported (``reconstruction_error``), with a warning when it is large. ``ExactReversal``
+keeps them as fixed-point integers with digit planes (``fixed_point.py``), so every state
+the backward rebuilds is the forward's, bit for bit, and a rebuilt start that differs is
+an error (f is not bitwise deterministic). Both run the same forward iteration, the same
+stop test and the same reverse sweep (``reversible.py``); they differ in the state
+arithmetic only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .convergence import ConvergenceMonitor
+from .fixed_point import FLAG_NONFINITE, DigitPlanes, from_fixed, plane_capacity, range_limit, to_fixed
+from .ops.reference import accumulation_dtype
+from .problem import Problem
+
+# A float reversal that lands further than this from the true start (relative to max |z_N|)
+# has drifted enough to move the gradient: warn once per f (see docs/numerics.md). With
+# 16-bit states or f the floor is a few of that dtype's ulps instead.
+RECONSTRUCTION_WARNING = 1e-4
+_warned: weakref.WeakSet = weakref.WeakSet()
+
+
+def drift_threshold(problem: Problem) -> float:
+    coarsest = max(torch.finfo(problem.state_dtype).eps, torch.finfo(problem.f_dtype).eps)
+    return max(RECONSTRUCTION_WARNING, 4 * coarsest)
+
+
+def relative_gap(state: Tensor, truth: Tensor, scale: float) -> float:
+    """max |state - truth| / scale; NaN when either holds a NaN (max() would drop it)."""
+    if not state.numel():
+        return 0.0
+    return float((state.to(torch.float64) - truth.to(torch.float64)).abs().max()) / scale
+
+
+def _worst(gaps: list[float]) -> float:
+    return math.nan if any(math.isnan(g) for g in gaps) else max(gaps, default=0.0)
+
+
+def _warn_drift(problem: Problem, error: float, threshold: float) -> None:
+    f = problem.f
+    try:
+        if f in _warned:
+            return
+        _warned.add(f)
+    except TypeError:  # not weak-referenceable: warn every time
+        pass
+    warnings.warn(
+        f"the reversible backward rebuilt the start state with a relative error of {error:.3g} (above "
+        f"{threshold:g}): the gradients are inexact. Use reversal='exact' for bit-exact "
+        "states, or checkpoint_every=K to restart the reconstruction every K steps", RuntimeWarning, stacklevel=1)
+
+
+class FloatReversal:
+    """States in ``problem.state_dtype``; the inverse divides by 1 - beta."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+    # ---------------------------------------------------------------- forward
+    def start(self, start: Tensor) -> tuple[Tensor, Tensor]:
+        return start.clone(), start.clone()
+
+    def f_input(self, state: Tensor) -> Tensor:
+        return state
+
+    def relax_y(self, y: Tensor, F: Tensor, n: int) -> None:
+        ops.relax_(y, F, self.problem.beta, backend=self.problem.backend)
+
+    def relax_z(self, z: Tensor, F: Tensor, n: int) -> None:
+        ops.relax_(z, F, self.problem.beta, backend=self.problem.backend)
+
+    def relax_y_residual(self, y: Tensor, z: Tensor, F: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        return ops.relax_residual_(y, z, F, self.problem.beta, backend=self.problem.backend)
+
+    def undo_y(self, y: Tensor, F: Tensor, n: int) -> None:
+        ops.unrelax_(y, F, self.problem.beta, backend=self.problem.backend)
+
+    undo_z = undo_y
+
+    def residual(self, z: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
+        return ops.residual_norms(z, F, backend=self.problem.backend)
+
+    def output(self, z: Tensor) -> Tensor:
+        return z
+
+    def check_forward(self) -> None:
+        """Nothing to check: a non-finite state shows in the residual (ConvergenceMonitor)."""
+
+    # ---------------------------------------------------------------- backward
+    def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float, checkpoint_gaps: list[float]) -> float:
+        error = _worst(checkpoint_gaps + [relative_gap(y, true_start, scale), relative_gap(z, true_start, scale)])
+        threshold = drift_threshold(self.problem)
+        if not math.isnan(error) and error > threshold:
+            _warn_drift(self.problem, error, threshold)
+        return error
+
+
+class ExactReversal(FloatReversal):
+    """States as int64 fixed point with digit planes; every update is exactly invertible.
+    ``flags`` (one int32 per step) collects the kernels' non-finite / out-of-range bits
+    and is read once per pass."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(problem)
+        r = problem.ratio
+        self.args = (r.numerator, r.denominator, problem.frac_bits)
+        self.capacity = plane_capacity(r)
+        self.flags = torch.zeros(problem.max_steps + 1, dtype=torch.int32, device=problem.device)
+        self.planes: dict[str, DigitPlanes] = {}
+        self.emptied: list[Tensor] = []  # planes the inverse has emptied: all zeros when exact
+        self.poisoned = False  # a flagged step under on_nonfinite="warn": results are NaN
+
+    def start(self, start: Tensor) -> tuple[Tensor, Tensor]:
+        h = to_fixed(start, self.problem.frac_bits)
+        self.planes = {"y": DigitPlanes.empty_like(h, self.capacity), "z": DigitPlanes.empty_like(h, self.capacity)}
+        return h, h.clone()
+
+    def f_input(self, state: Tensor) -> Tensor:
+        return from_fixed(state, self.problem.frac_bits, self.problem.f_dtype)
+
+    def _forward(self, name: str, state: Tensor, F: Tensor, n: int) -> None:
+        ops.exact_relax_(state, self.planes[name].before_forward(), F, self.flags, n, *self.args,
+                         backend=self.problem.backend)
+
+    def _inverse(self, name: str, state: Tensor, F: Tensor, n: int, emptied: list) -> None:
+        planes = self.planes[name]
+        ops.exact_unrelax_(state, planes.current, F, self.flags, n, *self.args, backend=self.problem.backend)
+        planes.after_inverse(emptied)
+
+    def relax_y(self, y: Tensor, F: Tensor, n: int) -> None:
+        self._forward("y", y, F, n)
+
+    def relax_z(self, z: Tensor, F: Tensor, n: int) -> None:
+        self._forward("z", z, F, n)
+
+    def relax_y_residual(self, y: Tensor, z: Tensor, F: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        sums = ops.exact_relax_residual_(y, self.planes["y"].before_forward(), z, F, self.flags, n, *self.args,
+                                         backend=self.problem.backend)
+        return self._as_float(sums)
+
+    def _as_float(self, sums: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The sums in the float reversal's dtype, so stats.residual does not depend on the mode."""
+        acc = accumulation_dtype(self.problem.state_dtype)
+        return sums[0].to(acc), sums[1].to(acc)
+
+    def undo_y(self, y: Tensor, F: Tensor, n: int) -> None:
+        self._inverse("y", y, F, n, self.emptied)
+
+    def undo_z(self, z: Tensor, F: Tensor, n: int) -> None:
+        self._inverse("z", z, F, n, self.emptied)
+
+    def residual(self, z: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
+        return self._as_float(ops.residual_norms(from_fixed(z, self.problem.frac_bits, torch.float64), F,
+                                                 backend=self.problem.backend))
+
+    def _check_flags(self, where: str) -> bool:
+        """False when the kernels flagged nothing; else raises, or warns (on_nonfinite="warn")
+        and returns True: integer states cannot hold the NaN, so the caller makes its result NaN."""
+        flagged = torch.nonzero(self.flags).flatten().tolist()
+        if not flagged:
+            return False
+        step, bits = flagged[0], int(self.flags[flagged[0]])
+        problem = self.problem
+        step += 1  # flags[n] belongs to the updates of step n + 1, counted as the monitor counts
+        if bits & FLAG_NONFINITE:
+            message = (f"DEQ state became non-finite (NaN or Inf) at step {step} of {problem.max_steps}: f returned "
+                       f"a NaN or Inf ({where}, reversal='exact'); lower beta or normalise f's output")
+        else:
+            message = (f"DEQ state left the exact range +-{range_limit(problem.frac_bits):g} of frac_bits="
+                       f"{problem.frac_bits} at step {step} of {problem.max_steps} ({where}, reversal='exact'); "
+                       "lower frac_bits or normalise f's output")
+        if problem.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message + "; the result is NaN", RuntimeWarning, stacklevel=1)
+        return True
+
+    def check_forward(self) -> None:
+        self.poisoned = self._check_flags("forward pass")
+
+    def output(self, z: Tensor) -> Tensor:
+        out = from_fixed(z, self.problem.frac_bits, self.problem.state_dtype)
+        return out.fill_(math.nan) if self.poisoned else out
+
+    # ---------------------------------------------------------------- backward
+    def saved(self) -> tuple[list[Tensor], list[Tensor], int, int]:
+        y, z = self.planes["y"], self.planes["z"]
+        return y.tensors(), z.tensors(), y.used, z.used
+
+    def restore(self, saved) -> None:
+        planes_y, planes_z, used_y, used_z = saved
+        self.planes = {"y": DigitPlanes.restore(planes_y, self.capacity, used_y),
+                       "z": DigitPlanes.restore(planes_z, self.capacity, used_z)}
+        self.flags.zero_()
+        self.emptied = []
+
+    def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float, checkpoint_gaps: list[float]) -> float:
+        if self._check_flags("backward recomputation"):
+            return math.nan  # the caller makes the gradients NaN
+        h0 = to_fixed(true_start, self.problem.frac_bits)
+        grid = math.ldexp(1.0, -self.problem.frac_bits)
+        error = max(relative_gap(y, h0, scale / grid), relative_gap(z, h0, scale / grid))
+        leftover = [p for p in self.emptied + [self.planes["y"].current, self.planes["z"].current] if p.any()]
+        if error != 0.0 or leftover:
+            raise RuntimeError(
+                f"reversal='exact' rebuilt the start state {'with a relative error of %.3g' % error if error else 'but not its digit planes'}"
+                ": f did not compute the same bits in the backward's recomputation as in the forward pass. "
+                "Look for a nondeterministic kernel (atomics: index_add_, scatter_add_, some cuDNN/cuBLAS "
+                "algorithms; torch.use_deterministic_algorithms(True) names them), a random op that "
+                "replay_rng=True does not cover, or state f keeps between calls")
+        return 0.0
+
+
+def make_reversal(problem: Problem) -> FloatReversal:
+    return ExactReversal(problem) if problem.exact else FloatReversal(problem)
+
+
+def forward_iteration(problem: Problem, reversal: FloatReversal, x: Tensor, start: Tensor,
+                      checkpoint_every: int | None):
+    """Run the iteration without a graph. Returns (y_N, z_N, {step: (y, z)} checkpoints,
+    the dtype f returns: the backward's cotangents are cast to it). The states are in the
+    reversal's representation (float, or int64 fixed point)."""
+    y, z = reversal.start(start)
+    F = problem.call_f(reversal.f_input(z), x, 0)
+    checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
+    monitor = ConvergenceMonitor(problem)
+    steps = problem.max_steps
+    for n in range(problem.max_steps):
+        if n == 0:
+            reversal.relax_y(y, F, 0)
+        # Stop test for the state after n steps, fused with the speculative y-update of
+        # step n+1 (F is read once for both). On a stop the update is undone by its exact
+        # inverse: one extra pass once per solve instead of a separate pass every step.
+        elif monitor.converged(n, *reversal.relax_y_residual(y, z, F, n)):
+            reversal.undo_y(y, F, n)
+            steps = n
+            break
+        reversal.relax_z(z, problem.call_f(reversal.f_input(y), x, 2 * n + 1), n)
+        F = problem.call_f(reversal.f_input(z), x, 2 * n + 2)
+        if checkpoint_every and (n + 1) % checkpoint_every == 0 and n + 1 < problem.max_steps:
+            checkpoints[n + 1] = (y.clone(), z.clone())
+    else:
+        monitor.converged(steps, *reversal.residual(z, F))
+    reversal.check_forward()
+    monitor.finish(steps)
+    problem.stats.nfe_forward = 1 + 2 * steps
+    return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype
+
+
+def forward_solve(problem: Problem, x: Tensor, start: Tensor) -> Tensor:
+    """The iteration without a graph or anything saved for a backward: z_N in state_dtype."""
+    reversal = make_reversal(problem)
+    return reversal.output(forward_iteration(problem, reversal, x, start, None)[1])
