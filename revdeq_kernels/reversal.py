@@ -209,13 +209,16 @@ class ExactReversal(FloatReversal):
         if self._check_flags("backward recomputation"):
             return math.nan  # the caller makes the gradients NaN
         h0 = to_fixed(true_start, self.problem.frac_bits)
-        grid = math.ldexp(1.0, -self.problem.frac_bits)
-        error = max(relative_gap(y, h0, scale / grid), relative_gap(z, h0, scale / grid))
         leftover = [p for p in self.emptied + [self.planes["y"].current, self.planes["z"].current] if p.any()]
-        if error != 0.0 or leftover:
+        states_differ = not (torch.equal(y, h0) and torch.equal(z, h0))  # as integers: every bit
+        if states_differ or leftover:
+            grid = math.ldexp(1.0, -self.problem.frac_bits)
+            error = max(relative_gap(y, h0, scale / grid), relative_gap(z, h0, scale / grid))
+            what = f"a start state {error:.3g} (relative) from the true one" if states_differ else \
+                "the start state but left digits in its planes"
             raise RuntimeError(
-                f"reversal='exact' rebuilt the start state {'with a relative error of %.3g' % error if error else 'but not its digit planes'}"
-                ": f did not compute the same bits in the backward's recomputation as in the forward pass. "
+                f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
+                "recomputation as in the forward pass. "
                 "Look for a nondeterministic kernel (atomics: index_add_, scatter_add_, some cuDNN/cuBLAS "
                 "algorithms; torch.use_deterministic_algorithms(True) names them), a random op that "
                 "replay_rng=True does not cover, or state f keeps between calls")

@@ -42,7 +42,10 @@ def test_round_trip_is_bit_exact_and_matches_the_reference(pair, beta, f_dtype):
     backend, device = pair
     args = ratio_args(beta)
     capacity = fp.plane_capacity(fp.beta_ratio(beta))
-    steps = 1000 if backend != "triton" or device != "cpu" else capacity + 5
+    # Under the interpreter a launch takes ~5 ms: one case runs the full 1000 steps, the
+    # others run just past one plane (the rotation) to keep the suite short.
+    interpreted = backend == "triton" and device == "cpu"
+    steps = capacity + 5 if interpreted and (beta, f_dtype) != (0.8, torch.float32) else 1000
     shape = (3, 7)
     start = fp.to_fixed(make(shape, torch.float64, device, 0, 3.0), FRAC_BITS)
     fs = [make(shape, f_dtype, device, 100 + n) for n in range(8)]  # reused cyclically: cheap and varied
