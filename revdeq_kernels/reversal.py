@@ -37,6 +37,11 @@ def drift_threshold(problem: Problem) -> float:
     return max(RECONSTRUCTION_WARNING, 4 * coarsest)
 
 
+def state_scale(z: Tensor) -> float:
+    """max |z|, at least the dtype's smallest normal: what relative_gap divides by."""
+    return max(float(z.abs().max()) if z.numel() else 0.0, torch.finfo(z.dtype).tiny)
+
+
 def relative_gap(state: Tensor, truth: Tensor, scale: float) -> float:
     """max |state - truth| / scale; NaN when either holds a NaN (max() would drop it)."""
     if not state.numel():
@@ -78,8 +83,7 @@ class FloatReversal:
     def relax_y(self, y: Tensor, F: Tensor, n: int) -> None:
         ops.relax_(y, F, self.problem.beta, backend=self.problem.backend)
 
-    def relax_z(self, z: Tensor, F: Tensor, n: int) -> None:
-        ops.relax_(z, F, self.problem.beta, backend=self.problem.backend)
+    relax_z = relax_y
 
     def relax_y_residual(self, y: Tensor, z: Tensor, F: Tensor, n: int) -> tuple[Tensor, Tensor]:
         return ops.relax_residual_(y, z, F, self.problem.beta, backend=self.problem.backend)
@@ -99,7 +103,10 @@ class FloatReversal:
         """Nothing to check: a non-finite state shows in the residual (ConvergenceMonitor)."""
 
     # ---------------------------------------------------------------- backward
-    def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float, checkpoint_gaps: list[float]) -> float:
+    def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float | None,
+               checkpoint_gaps: list[float]) -> float:
+        """reconstruction_error: the worst gap to the true states, relative to ``scale``
+        (max |z_N|; None for the exact reversal, which needs it only on failure)."""
         error = _worst(checkpoint_gaps + [relative_gap(y, true_start, scale), relative_gap(z, true_start, scale)])
         threshold = drift_threshold(self.problem)
         if not math.isnan(error) and error > threshold:
@@ -134,10 +141,10 @@ class ExactReversal(FloatReversal):
         ops.exact_relax_(state, self.planes[name].before_forward(), F, self.flags, n, *self.args,
                          backend=self.problem.backend)
 
-    def _inverse(self, name: str, state: Tensor, F: Tensor, n: int, emptied: list) -> None:
+    def _inverse(self, name: str, state: Tensor, F: Tensor, n: int) -> None:
         planes = self.planes[name]
         ops.exact_unrelax_(state, planes.current, F, self.flags, n, *self.args, backend=self.problem.backend)
-        planes.after_inverse(emptied)
+        planes.after_inverse(self.emptied)
 
     def relax_y(self, y: Tensor, F: Tensor, n: int) -> None:
         self._forward("y", y, F, n)
@@ -156,10 +163,10 @@ class ExactReversal(FloatReversal):
         return sums[0].to(acc), sums[1].to(acc)
 
     def undo_y(self, y: Tensor, F: Tensor, n: int) -> None:
-        self._inverse("y", y, F, n, self.emptied)
+        self._inverse("y", y, F, n)
 
     def undo_z(self, z: Tensor, F: Tensor, n: int) -> None:
-        self._inverse("z", z, F, n, self.emptied)
+        self._inverse("z", z, F, n)
 
     def residual(self, z: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
         return self._as_float(ops.residual_norms(from_fixed(z, self.problem.frac_bits, torch.float64), F,
@@ -205,16 +212,18 @@ class ExactReversal(FloatReversal):
         self.flags.zero_()
         self.emptied = []
 
-    def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float, checkpoint_gaps: list[float]) -> float:
+    def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float | None,
+               checkpoint_gaps: list[float]) -> float:
         if self._check_flags("backward recomputation"):
             return math.nan  # the caller makes the gradients NaN
         h0 = to_fixed(true_start, self.problem.frac_bits)
         leftover = [p for p in self.emptied + [self.planes["y"].current, self.planes["z"].current] if p.any()]
         states_differ = not (torch.equal(y, h0) and torch.equal(z, h0))  # as integers: every bit
         if states_differ or leftover:
-            grid = math.ldexp(1.0, -self.problem.frac_bits)
-            error = max(relative_gap(y, h0, scale / grid), relative_gap(z, h0, scale / grid))
-            what = f"a start state {error:.3g} (relative) from the true one" if states_differ else \
+            units = float(h0.abs().max()) if h0.numel() else 0.0  # the scale, in grid units
+            units = max(units, 1.0)
+            error = max(relative_gap(y, h0, units), relative_gap(z, h0, units))
+            what = f"a start state {error:.3g} (relative to max |z0|) from the true one" if states_differ else \
                 "the start state but left digits in its planes"
             raise RuntimeError(
                 f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
