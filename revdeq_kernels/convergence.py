@@ -29,11 +29,13 @@ class ConvergenceMonitor:
         self.problem = problem
         self.history: list[Tensor] = []
         self.residual: Tensor | None = None
+        self.sq_res: Tensor | None = None
         self.reported = False
 
     def converged(self, step: int, sq_res: Tensor, sq_f: Tensor) -> bool:
         """Record the residual of the state after ``step`` steps; True if it meets tol."""
         self.residual = relative_residual(sq_res, sq_f)
+        self.sq_res = sq_res
         worst = self.residual.max() if self.residual.numel() else self.residual.new_zeros(())
         self.history.append(worst)
         if self.problem.tol == 0:
@@ -52,6 +54,7 @@ class ConvergenceMonitor:
                 self._report(bad)
         stats.steps = steps
         stats.residual = self.residual.detach()
+        stats.abs_residual = self.sq_res.detach().sqrt()
         stats.residual_history = [float(r) for r in history]
 
     def _report(self, step: int) -> None:

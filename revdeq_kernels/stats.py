@@ -13,6 +13,8 @@ class SolverStats:
     by the backward pass (they stay 0 / None until it runs).
 
     residual: per-sample ||z - f(z)|| / (1e-5 + ||f(z)||) at the returned state, shape [B].
+    abs_residual: per-sample ||z - f(z)|| there, shape [B] (a relative residual can fall
+        only because ||z|| grows, as with a residual block ``z + g(z)``; this one cannot).
     residual_history: the max over the batch of that residual after each step.
     reconstruction_error: for the reversible adjoint, max |reconstructed - true| over the
         states the backward pass lands on (the start, and every checkpoint), divided by
@@ -21,6 +23,7 @@ class SolverStats:
 
     steps: int = 0
     residual: Tensor | None = None
+    abs_residual: Tensor | None = None
     residual_history: list[float] = field(default_factory=list)
     nfe_forward: int = 0
     nfe_backward: int = 0
@@ -30,6 +33,10 @@ class SolverStats:
     @property
     def max_residual(self) -> float:
         return float(self.residual.max()) if self.residual is not None and self.residual.numel() else 0.0
+
+    @property
+    def max_abs_residual(self) -> float:
+        return float(self.abs_residual.max()) if self.abs_residual is not None and self.abs_residual.numel() else 0.0
 
 
 @dataclass
@@ -45,6 +52,6 @@ class Solution:
     stats: SolverStats
 
     def __getattr__(self, name: str):
-        if name in SolverStats.__dataclass_fields__ or name == "max_residual":
+        if name in SolverStats.__dataclass_fields__ or name in ("max_residual", "max_abs_residual"):
             return getattr(self.__dict__["stats"], name)
         raise AttributeError(f"Solution has no attribute {name!r}")

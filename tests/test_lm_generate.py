@@ -83,3 +83,38 @@ def test_eval_and_generate_command_lines(tmp_path, capsys):
     assert "tokens/s vs full recomputation" in second.err and "same tokens: True" in second.err, second.err
     assert generate_main(["--checkpoint", ckpt, "d_model=64"]) == 2
     assert "cannot override 'd_model' on a trained model" in capsys.readouterr().err
+
+
+def converged_model(dtype=torch.float64) -> TransformerLM:
+    """The anchored block at its initialisation: contractive, so tol=1e-10 is met."""
+    torch.manual_seed(0)
+    return TransformerLM(model_config(block="anchored", seq_len=24, max_steps=30, tol=1e-10)).to(dtype)
+
+
+def test_equilibrium_cache_is_one_level_and_matches_full_recomputation_at_convergence():
+    model = converged_model()
+    ids = torch.randint(0, 50, (2, 24))
+    _, caches = model.prefill(ids[:, :5])
+    assert caches[0].kind == "equilibrium" and caches[0].levels == 1, (caches[0].kind, caches[0].levels)
+    assert model.last_stats.steps < 30, "the contractive block did not meet tol"
+    gap = cache_parity(model, ids, prompt_len=5, cache="equilibrium")
+    assert gap <= 1e-8, f"equilibrium cache at a converged fixed point: max |p_cached - p_full| {gap:.3g} > 1e-8"
+
+
+def test_auto_cache_keeps_every_evaluation_when_the_solve_does_not_converge():
+    model = spread_weights(TransformerLM(model_config(seq_len=24, max_steps=4, tol=1e-3)))
+    ids = torch.randint(0, 50, (2, 24))
+    _, caches = model.prefill(ids[:, :5])
+    assert not model.converged() and caches[0].kind == "per-evaluation" and caches[0].levels == 9
+    out = generate(model, ids[:, :5], 4, seed=0)
+    assert out.cache_kind == "per-evaluation", out.cache_kind
+    # forcing the equilibrium cache on an unconverged model is allowed, and visibly inexact
+    forced = cache_parity(model, ids, prompt_len=5, cache="equilibrium")
+    exact = cache_parity(model, ids, prompt_len=5, cache="per-evaluation")
+    assert exact <= PARITY_TOL[torch.float32] < forced, (exact, forced)
+
+
+def test_cache_kind_errors():
+    model = converged_model()
+    with pytest.raises(ValueError, match="cache='levels': must be one of auto, equilibrium, per-evaluation"):
+        model.prefill(torch.zeros(1, 3, dtype=torch.long), cache="levels")

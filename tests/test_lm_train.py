@@ -76,8 +76,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
     def nan_at_step_5(model, x, y):
         calls["n"] += 1
-        loss = real(model, x, y)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        loss, objective = real(model, x, y)
+        return (loss * float("nan"), objective) if calls["n"] == 5 else (loss, objective)
 
     monkeypatch.setattr(train_module, "compute_loss", nan_at_step_5)
     messages = []

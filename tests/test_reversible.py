@@ -128,6 +128,10 @@ def test_early_stopping_reports_steps_and_residuals():
     assert stats.residual_history[-1] <= 1e-4 < stats.residual_history[-2]
     direct = (z - f(z, x)).norm(dim=1) / (1e-5 + f(z, x).norm(dim=1))
     assert torch.allclose(stats.residual, direct, rtol=1e-4, atol=1e-7), "reported residual is not ||z - f(z)||/||f(z)||"
+    absolute = (z - f(z, x)).norm(dim=1)
+    assert torch.allclose(stats.abs_residual.float(), absolute, rtol=1e-4, atol=1e-7), (
+        f"abs_residual {stats.abs_residual} is not ||z - f(z)|| {absolute}")
+    assert stats.max_abs_residual == pytest.approx(float(absolute.max()), rel=1e-4)
     exact = rk.ReversibleDEQ(f, beta=0.9, max_steps=50, tol=0, backend="torch")
     exact(x)
     assert exact.last_stats.steps == 50, "tol=0 must run exactly max_steps steps"

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, parse_overrides, preset_names, valid_keys
+from .config import CACHE_KINDS, ConfigError, load_config, parse_overrides, preset_names, valid_keys
 from .sources import DataUnavailable
 from .tokenizer import TokenizerUnavailable
 
@@ -68,6 +68,20 @@ def _load(checkpoint: str, overrides: list[str]):
     return model.to(device), tokenizer, cfg, ckpt, device
 
 
+def _depths(text: str | None, plot: str | None) -> list[int]:
+    if text is None:
+        if plot:
+            raise ValueError("--plot needs --depths (the solver steps to evaluate at)")
+        return []
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--depths {text!r}: expected comma-separated integers, e.g. 4,8,16") from None
+    if not depths or min(depths) < 1:
+        raise ValueError(f"--depths {text!r}: every depth must be an integer >= 1")
+    return depths
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="revdeq-eval",
@@ -77,15 +91,22 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--max-windows", type=int, default=0, help="evaluate this many evenly spaced windows (0: all)")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    parser.add_argument("--depths", default=None, metavar="N,N,...",
+                        help="DEQ: also evaluate at each of these solver steps (tol=0), e.g. 4,8,16")
+    parser.add_argument("--plot", default=None, help="with --depths: write perplexity against steps to this PNG")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     from .data import prepare_data
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluate_depths
 
     try:
+        depths = _depths(args.depths, args.plot)
         model, tokenizer, cfg, ckpt, device = _load(args.checkpoint, args.overrides)
+        if depths and not model.is_deq:
+            raise ValueError(f"--depths: {args.checkpoint} is an explicit model (method=explicit), not a DEQ")
         data = prepare_data(cfg, tokenizer)
         result = evaluate(model, data[args.split], cfg, device, max_windows=args.max_windows)
+        by_depth = evaluate_depths(model, data[args.split], cfg, device, depths, max_windows=args.max_windows)
     except _USER_ERRORS as error:
         return _fail(error)
     result = {"checkpoint": args.checkpoint, "step": ckpt["step"], "split": args.split,
@@ -94,7 +115,18 @@ def eval_main(argv: list[str] | None = None) -> int:
     if model.is_deq:
         print(f"solver: steps mean {result['solver_steps_mean']:.2f} max {result['solver_steps_max']} "
               f"(max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
-              f"max {result['residual_max']:.3e}")
+              f"max {result['residual_max']:.3e}; absolute (RMS) mean {result['abs_residual_mean']:.3e} "
+              f"max {result['abs_residual_max']:.3e}")
+    if by_depth:
+        result["depths"] = by_depth
+        print("steps  perplexity  relative residual (mean, max)  absolute residual RMS (mean, max)")
+        for row in by_depth:
+            print(f"{row['steps']:>5}  {row['ppl']:>10.2f}  {row['residual_mean']:>14.3e} {row['residual_max']:>10.3e}"
+                  f"      {row['abs_residual_mean']:>14.3e} {row['abs_residual_max']:>10.3e}")
+        if args.plot:
+            from .metrics import plot_depths
+
+            print(f"plot: {plot_depths(by_depth, args.plot, f'{args.checkpoint} ({args.split}), trained at {cfg.max_steps} steps')}")
     if args.json:
         from .io import atomic_write_text
 
@@ -115,6 +147,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    parser.add_argument("--cache", default="auto", choices=CACHE_KINDS,
+                        help="DEQ: equilibrium (final states' keys/values), per-evaluation (every evaluation's), "
+                             "or auto: equilibrium when the prompt's solve meets tol (default)")
     parser.add_argument("--compare", action="store_true",
                         help="also run the other path; report both tokens/s and the cache's max |p_cached - p_full|")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -126,21 +161,22 @@ def generate_main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer, cfg, _, device = _load(args.checkpoint, args.overrides)
         prompt = torch.tensor([tokenizer.encode(args.prompt) or [tokenizer.eot_id]], device=device)
-        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        cache=args.cache)
         out = generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, **sampling)
     except _USER_ERRORS as error:
         return _fail(error)
     print(tokenizer.decode(out.ids[0].tolist()))
-    mode = "cached" if out.cached else "full recomputation"
+    mode = f"{out.cache_kind} cache" if out.cached else "full recomputation"
     print(f"\n[{out.new_tokens} tokens in {out.seconds:.2f}s: {out.tokens_per_s:.1f} tokens/s, {mode}]", file=sys.stderr)
     if args.compare:
         other = generate(model, prompt, args.max_new_tokens, use_cache=not out.cached, **sampling)
         cached, full = (out, other) if out.cached else (other, out)
-        line = (f"[cached {cached.tokens_per_s:.1f} tokens/s vs full recomputation {full.tokens_per_s:.1f} "
+        line = (f"[{cached.cache_kind} cache {cached.tokens_per_s:.1f} tokens/s vs full recomputation {full.tokens_per_s:.1f} "
                 f"tokens/s: {cached.tokens_per_s / full.tokens_per_s:.2f}x; same tokens: "
                 f"{torch.equal(cached.ids, full.ids)}")
         if cached.ids.shape[1] <= cfg.seq_len:
-            line += f"; max |p_cached - p_full| {cache_parity(model, cached.ids, prompt.shape[1]):.2e}"
+            line += f"; max |p_cached - p_full| {cache_parity(model, cached.ids, prompt.shape[1], cached.cache_kind if model.is_deq else 'auto'):.2e}"
         print(line + "]", file=sys.stderr)
     return 0
 

@@ -19,15 +19,19 @@ from pathlib import Path
 from ..settings import SettingError, SolveSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-METHODS = ("reversible", "unrolled", "explicit")
+METHODS = ("reversible", "unrolled", "implicit", "phantom", "explicit")
+BLOCKS = ("residual", "postln", "normed", "anchored", "direct")
+CACHE_KINDS = ("auto", "equilibrium", "per-evaluation")  # the DEQ's key/value cache in generation
 DATASETS = ("shakespeare", "files", "wikitext-2", "wikitext-103")
 TOKENIZERS = ("auto", "gpt2", "bpe")
 STATE_DTYPES = ("float32", "float64", "bfloat16")
 AMP_MODES = ("auto", "bf16", "off")
 
 # What defines the model's parameters or its data: a resumed run may not change these.
-MODEL_KEYS = ("vocab_size", "seq_len", "d_model", "n_heads", "mlp_ratio", "method", "n_layers",
+MODEL_KEYS = ("vocab_size", "seq_len", "d_model", "n_heads", "mlp_ratio", "block", "method", "n_layers",
               "tie_embeddings")
+# Keys added after checkpoints existed, with the value those checkpoints were trained with.
+LEGACY_VALUES = {"block": "residual", "res_reg": 0.0}
 DATA_KEYS = ("dataset", "data_files", "tokenizer", "val_fraction", "test_fraction", "split_seed")
 
 
@@ -44,13 +48,18 @@ class LMConfig:
     n_heads: int = 4
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio * d_model
     dropout: float = 0.0            # embedding and residual-branch dropout (replayed by the reverse pass)
-    method: str = "reversible"      # reversible | unrolled (DEQ adjoints) | explicit (n_layers blocks)
+    block: str = "normed"           # f: normed (LN(z + g), the default) | residual (z + g) | postln | anchored | direct
+    method: str = "reversible"      # reversible | unrolled | implicit | phantom (DEQ adjoints) | explicit (n_layers blocks)
     n_layers: int = 4               # explicit only: number of separately weighted blocks
     beta: float = 0.8               # DEQ relaxation in (0, 2), != 1
     max_steps: int = 4              # DEQ steps (2 evaluations of the block each)
     tol: float = 1e-3               # DEQ stop tolerance on the relative residual (0: always max_steps)
     state_dtype: str | None = None  # DEQ states: float32 | float64 | bfloat16 | null (= the activations')
     reversal: str | None = None     # how the backward rebuilds the states: exact | float | null (= exact)
+    jac_reg: float = 0.0            # DEQ: weight of the Jacobian penalty ||J_f||_F^2 / n at z* in the loss (0: off)
+    depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
+    res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
+    checkpoint_every: int = 0       # reversal=float: store the states every this many steps (0: never)
     backend: str | None = None      # kernel backend of the state updates (null: $REVDEQ_BACKEND or auto)
     tie_embeddings: bool = True     # the LM head shares the token-embedding matrix
     # --- data ---
@@ -68,6 +77,7 @@ class LMConfig:
     lr: float = 2e-3
     min_lr: float = 2e-4            # cosine floor
     warmup_iters: int = 30
+    lr_decay_iters: int = 0         # the cosine reaches min_lr at this step (0: at max_iters)
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -76,6 +86,7 @@ class LMConfig:
     eval_batches: int = 8           # batches per periodic validation (0: the whole split)
     log_interval: int = 1           # steps between JSONL / TensorBoard records
     checkpoint_interval: int = 100  # steps between checkpoints (and at the end)
+    grad_check_interval: int = 0    # reversible: every this many steps, its gradient error vs unrolled (0: off)
     seed: int = 1337
     out_dir: str = "runs/tiny"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -96,15 +107,25 @@ class LMConfig:
         for key in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers",
                     "batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("max_iters", "warmup_iters", "eval_batches", "threads"):
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "eval_batches", "threads", "grad_check_interval"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         need(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads={self.n_heads}")
         need(int(self.mlp_ratio * self.d_model) >= 1, "mlp_ratio", "must give an MLP width >= 1")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+        need(self.grad_check_interval == 0 or self.method == "reversible", "grad_check_interval",
+             f"compares the reversible adjoint with unrolled: needs method=reversible (method is {self.method})")
+        need(self.block in BLOCKS, "block", f"must be one of {', '.join(BLOCKS)}")
+        # the DEQ-only training terms (an explicit model has no fixed point) are ignored by explicit
+        for key in ("depth_jitter", "jac_reg", "res_reg"):
+            need(getattr(self, key) >= 0, key, "must be >= 0 (0: off)")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")
+        need(self.checkpoint_every == 0 or self.method == "reversible", "checkpoint_every",
+             f"applies to method=reversible only (method is {self.method})")
         try:  # the solver's own validation, so that the config accepts exactly what the solver does
             SolveSettings(beta=self.beta, max_steps=self.max_steps, tol=self.tol,
-                          reversal=self.reversal if self.method == "reversible" else None)
+                          reversal=self.reversal if self.method == "reversible" else None,
+                          checkpoint_every=self.checkpoint_every or None)
         except SettingError as error:
             need(False, error.name, error.reason)
         need(self.reversal is None or self.method == "reversible", "reversal",

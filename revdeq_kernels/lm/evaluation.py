@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,14 +20,15 @@ def evaluate(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, 
              max_windows: int = 0, batch_size: int | None = None, ddp: Dist | None = None) -> dict:
     """Mean cross-entropy (nats/token) and perplexity over all windows of ``tokens`` or
     ``max_windows`` evenly spaced ones, sharded over the ranks; for a DEQ also the mean/max
-    solver steps and residual per batch. Runs under a forked RNG, so evaluating does not
+    over batches of the solver steps, of the worst relative residual and of the worst
+    absolute one (the RMS of ``f(z*) - z*`` over a sequence's elements). Runs under a forked RNG, so evaluating does not
     change the training run's random stream."""
     ddp = ddp or Dist()
     batch_size = batch_size or cfg.batch_size
     starts = eval_starts(len(tokens), cfg.seq_len, max_windows)[ddp.rank::ddp.world]
-    # sums: loss, tokens, batches, solver steps, residual; maxima: solver steps, residual
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    maxima = torch.zeros(2, dtype=torch.float64, device=device)
+    # sums: loss, tokens, batches, solver steps, residual, absolute residual; maxima: the last three
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    maxima = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -36,17 +38,37 @@ def evaluate(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, 
                 logits = model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             stats = model.last_stats
-            steps, residual = (stats.steps, stats.max_residual) if stats is not None else (0, 0.0)
-            sums += torch.tensor([float(loss), y.numel(), 1, steps, residual], dtype=torch.float64, device=device)
-            maxima = torch.maximum(maxima, torch.tensor([steps, residual], dtype=torch.float64, device=device))
+            solver = [0.0, 0.0, 0.0]
+            if stats is not None:  # the absolute residual as an RMS over a sequence's elements
+                solver = [stats.steps, stats.max_residual, stats.max_abs_residual / math.sqrt(x.shape[1] * cfg.d_model)]
+            sums += torch.tensor([float(loss), y.numel(), 1, *solver], dtype=torch.float64, device=device)
+            maxima = torch.maximum(maxima, torch.tensor(solver, dtype=torch.float64, device=device))
     model.train(was_training)
     if ddp.world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    loss_sum, n_tokens, n_batches, steps_sum, residual_sum = sums.tolist()
+    loss_sum, n_tokens, n_batches, steps_sum, residual_sum, abs_sum = sums.tolist()
     loss = loss_sum / n_tokens
     out = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(n_tokens)}
     if model.is_deq:
         out.update(solver_steps_mean=steps_sum / n_batches, solver_steps_max=int(maxima[0]),
-                   residual_mean=residual_sum / n_batches, residual_max=float(maxima[1]))
+                   residual_mean=residual_sum / n_batches, residual_max=float(maxima[1]),
+                   abs_residual_mean=abs_sum / n_batches, abs_residual_max=float(maxima[2]))
     return out
+
+
+def evaluate_depths(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, depths: list[int], *,
+                    max_windows: int = 0, ddp: Dist | None = None) -> list[dict]:
+    """:func:`evaluate` at each number of solver steps in ``depths``, with ``tol=0`` so that
+    every solve runs exactly that many steps: a DEQ's promise is that more steps at
+    inference do not hurt. The model's own settings are restored afterwards."""
+    rows = []
+    settings = model.deq.settings if depths else None
+    try:
+        for steps in depths:
+            model.deq.settings = dataclasses.replace(settings, max_steps=steps, tol=0.0)
+            rows.append({"steps": steps, **evaluate(model, tokens, cfg, device, max_windows=max_windows, ddp=ddp)})
+    finally:
+        if settings is not None:
+            model.deq.settings = settings
+    return rows

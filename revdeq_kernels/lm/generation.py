@@ -1,15 +1,17 @@
-"""Sampling, with incremental decoding through an equilibrium cache.
+"""Sampling, with incremental decoding through a key/value cache.
 
 Full recomputation re-solves the whole context for every new token. The cached path
-solves the prompt once, keeps the keys/values of each position's equilibrium, and for
-each new token solves only that position's fixed point: a [B, 1, D] DEQ whose block
-attends to the cache (``TransformerLM.decode_step``). Causal attention makes an earlier
-position's equilibrium independent of later tokens, so the cache stays valid.
+solves the prompt once, keeps the earlier positions' keys/values, and for each new token
+solves only that position's fixed point: a [B, 1, D] DEQ whose block attends to the cache
+(``TransformerLM.decode_step``). Causal attention makes an earlier position's states
+independent of later tokens, so the cache stays valid.
 
-The two paths agree to the solver's accuracy, not bit for bit: in the full solve, the
-keys at each iteration come from the earlier positions' current iterates; in the cached
-solve, from their final states. The gap shrinks with the residual (smaller ``tol``, more
-``max_steps``); :func:`cache_parity` measures it. For the explicit model the cache is exact.
+Which keys/values (``cache=``): ``per-evaluation`` keeps every evaluation's, so the cached
+solve is the full solve's computation for the new position, up to rounding, converged or
+not; ``equilibrium`` keeps only the final states', one level, exact to the solver's
+``tol`` at a converged fixed point; ``auto`` (default) takes the equilibrium cache when the
+prompt's solve met ``tol``. :func:`cache_parity` measures the gap to full recomputation.
+For the explicit model the cache is exact.
 
 Contexts longer than ``seq_len``: full recomputation slides the window one token at a
 time; the cached path, when its cache is full, re-solves the last ``seq_len // 2`` tokens
@@ -56,6 +58,7 @@ class Generation:
     new_tokens: int
     seconds: float
     cached: bool
+    cache_kind: str = "none"     # equilibrium | per-evaluation | explicit | none (full recomputation)
     solver_steps: list[int] = field(default_factory=list)  # per solve (DEQ)
 
     @property
@@ -65,9 +68,11 @@ class Generation:
 
 @torch.no_grad()
 def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, use_cache: bool = True) -> Generation:
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, use_cache: bool = True,
+             cache: str = "auto") -> Generation:
     """Append ``max_new_tokens`` sampled tokens to ``prompt`` [B, T >= 1]. The same seed
-    gives the same tokens; without one, the draw comes from torch's global generator."""
+    gives the same tokens; without one, the draw comes from torch's global generator.
+    ``cache``: which cache the DEQ keeps (see the module's docstring)."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt.shape)}")
     if max_new_tokens < 0:
@@ -75,7 +80,7 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
     model.eval()
     generator = torch.Generator(device=prompt.device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-    seq_len, ids, steps = model.cfg.seq_len, prompt, []
+    seq_len, ids, steps, kind = model.cfg.seq_len, prompt, [], "none"
 
     def record_steps():
         if model.last_stats is not None:
@@ -83,7 +88,8 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
 
     t0 = time.perf_counter()
     if use_cache and max_new_tokens > 0:
-        logits, caches = model.prefill(ids[:, -seq_len:])
+        logits, caches = model.prefill(ids[:, -seq_len:], cache)
+        kind = caches[0].kind
         record_steps()
         for i in range(max_new_tokens):
             token = sample_token(logits, temperature, top_k, top_p, generator)
@@ -91,7 +97,7 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
             if i == max_new_tokens - 1:
                 break
             if caches[0].length == seq_len:  # window full: re-solve the last half, continue
-                logits, caches = model.prefill(ids[:, -(seq_len // 2):])
+                logits, caches = model.prefill(ids[:, -(seq_len // 2):], kind if kind != "explicit" else "auto")
             else:
                 logits = model.decode_step(token, caches)
             record_steps()
@@ -102,18 +108,18 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
             ids = torch.cat([ids, sample_token(logits, temperature, top_k, top_p, generator)[:, None]], dim=1)
     if prompt.device.type == "cuda":
         torch.cuda.synchronize(prompt.device)
-    return Generation(ids, max_new_tokens, time.perf_counter() - t0, use_cache, steps)
+    return Generation(ids, max_new_tokens, time.perf_counter() - t0, use_cache, kind, steps)
 
 
 @torch.no_grad()
-def cache_parity(model: TransformerLM, ids: Tensor, prompt_len: int) -> float:
+def cache_parity(model: TransformerLM, ids: Tensor, prompt_len: int, cache: str = "auto") -> float:
     """Max |p_cached - p_full| over the next-token distributions after each prefix of
     ``ids`` [B, T <= seq_len] from ``prompt_len`` tokens on: the cached path (prefill, then
     one decode step per token of ``ids``) against a full solve of each prefix."""
     if not 1 <= prompt_len <= ids.shape[1] <= model.cfg.seq_len:
         raise ValueError(f"need 1 <= prompt_len={prompt_len} <= length={ids.shape[1]} <= seq_len={model.cfg.seq_len}")
     model.eval()
-    logits, caches = model.prefill(ids[:, :prompt_len])
+    logits, caches = model.prefill(ids[:, :prompt_len], cache)
     worst = 0.0
     for t in range(prompt_len, ids.shape[1] + 1):
         full = model(ids[:, :t])[:, -1]

@@ -52,13 +52,28 @@ class MetricsLogger:
             self.tb.close()
 
 
-def plot_losses(jsonl: Path | str, png: Path | str, title: str = "") -> Path:
-    """Training loss per step and validation loss per evaluation, to a PNG (Agg backend)."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, png: Path | str) -> Path:
+    """Write ``fig`` to ``png`` atomically (a reader never sees half a file) and close it."""
+    fig.tight_layout()
+    png = Path(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return png
+
+
+def plot_losses(jsonl: Path | str, png: Path | str, title: str = "") -> Path:
+    """Training loss per step and validation loss per evaluation, to a PNG (Agg backend)."""
+    plt = _pyplot()
     records = read_jsonl(jsonl)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "val"]
@@ -72,9 +87,24 @@ def plot_losses(jsonl: Path | str, png: Path | str, title: str = "") -> Path:
     ax.set_title(title or Path(jsonl).parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    png = Path(png)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png)
+
+
+def plot_depths(rows: list[dict], png: Path | str, title: str = "") -> Path:
+    """Perplexity (and the solver's residual) against the number of solver steps."""
+    plt = _pyplot()
+    steps = [r["steps"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, [r["ppl"] for r in rows], "o-", lw=1.5, color="C0", label="perplexity")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("solver steps at inference (tol = 0)")
+    ax.set_ylabel("perplexity", color="C0")
+    ax.grid(alpha=0.3)
+    residual = ax.twinx()
+    residual.plot(steps, [r["residual_mean"] for r in rows], "s--", lw=1, color="C1", label="relative")
+    residual.plot(steps, [r["abs_residual_mean"] for r in rows], "^:", lw=1, color="C2", label="absolute (RMS)")
+    residual.set_yscale("log")
+    residual.set_ylabel("solver residual (mean over batches)")
+    residual.legend(loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save_figure(fig, png)

@@ -1,18 +1,20 @@
 """The language model: embeddings -> equilibrium of one weight-tied block (or an explicit
 stack of blocks) -> final LayerNorm -> LM head.
 
-``method="reversible"`` / ``"unrolled"``: ``z* = ReversibleDEQ(Block)(x)`` with the exact
-reversible adjoint (memory flat in steps) or autograd through every step.
+``method="reversible"`` / ``"unrolled"`` / ``"implicit"`` / ``"phantom"``: ``z* = DEQ(f)(x)``,
+solved by the reversible iteration, with the exact reversible adjoint (memory flat in
+steps), autograd through every step, or the classic implicit and phantom gradients.
 ``method="explicit"``: ``z = 0; z = Block_l(z, x)`` for l = 1..n_layers, separate weights:
 the same block, with the same input injection and starting state, without tying or
 relaxation, for comparison.
 
 The LM head shares its weight with the token embedding when ``tie_embeddings`` (default).
-Only the public core API is used: ``rk.ReversibleDEQ`` and ``rk.solve``.
+Only the public core API is used: ``rk.DEQ`` and ``rk.solve``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,9 @@ from torch import Tensor, nn
 
 import revdeq_kernels as rk
 
-from .block import Block, CachedSolveBlock, KVCache, init_weights_
-from .config import LMConfig
+from .block import BLOCKS, CachedSolveBlock, KVCache, init_weights_
+from .config import CACHE_KINDS, LMConfig
+from .penalties import jacobian_penalty, residual_penalty
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -38,12 +41,15 @@ class TransformerLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        make_block = lambda: Block(cfg.d_model, cfg.n_heads, cfg.mlp_hidden, cfg.dropout)  # noqa: E731
+        make_block = lambda: BLOCKS[cfg.block](cfg.d_model, cfg.n_heads, cfg.mlp_hidden, cfg.dropout)  # noqa: E731
         if self.is_deq:
-            self.deq = rk.ReversibleDEQ(
-                make_block(), beta=cfg.beta, max_steps=cfg.max_steps, tol=cfg.tol,
-                state_dtype=state_dtype_of(cfg), backend=cfg.backend, adjoint=cfg.method,
+            # One solver for every DEQ method: the reversible iteration, so that the methods
+            # differ in their gradient only.
+            self.deq = rk.DEQ(
+                make_block(), solver="reversible", adjoint=cfg.method, beta=cfg.beta, max_steps=cfg.max_steps,
+                tol=cfg.tol, state_dtype=state_dtype_of(cfg), backend=cfg.backend,
                 reversal=cfg.reversal if cfg.method == "reversible" else None,
+                checkpoint_every=cfg.checkpoint_every or None,
                 # a non-finite state gives a non-finite loss, which the training loop
                 # turns into a clean stop on every rank (an exception on one rank would
                 # leave the others waiting in an all-reduce)
@@ -54,17 +60,52 @@ class TransformerLM(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.last_stats: rk.SolverStats | None = None
+        self._inference: tuple | None = None  # (DEQ settings, the inference_settings() made from them)
+        self.last_penalty: Tensor | None = None  # jac_reg, res_reg: the last training forward's penalty
         self._init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
     @property
     def is_deq(self) -> bool:
-        return self.cfg.method in ("reversible", "unrolled")
+        return self.cfg.method != "explicit"
+
+    def inference_settings(self) -> rk.SolveSettings:
+        """The forward iteration of ``self.deq`` as ``rk.solve`` settings (for the cached
+        solves of generation, which need no gradient: implicit and phantom map to unrolled)."""
+        settings = self.deq.settings
+        if self._inference is None or self._inference[0] is not settings:
+            forward = settings if settings.adjoint in ("reversible", "unrolled") else \
+                dataclasses.replace(settings, adjoint="unrolled")
+            self._inference = (settings, forward.reversible_solve())
+        return self._inference[1]
 
     def _init_weights(self) -> None:
         # Block evaluations on the residual path: 2 per DEQ step, 1 per explicit layer.
         init_weights_(self, 2 * self.cfg.max_steps if self.is_deq else self.cfg.n_layers)
+
+    def _train_depth_solve(self, x: Tensor) -> Tensor:
+        """The DEQ at max_steps + k steps, k drawn uniformly from 0..depth_jitter (torch's RNG,
+        so a resumed run draws the same k): a model trained at one depth can exploit that
+        depth's transient, one trained over a range must be good wherever the solve stops."""
+        settings = self.deq.settings
+        extra = int(torch.randint(0, self.cfg.depth_jitter + 1, ()))
+        self.deq.settings = dataclasses.replace(settings, max_steps=settings.max_steps + extra)
+        try:
+            return self.deq(x)
+        finally:
+            self.deq.settings = settings
+
+    def equilibrium_penalty(self, z: Tensor, x: Tensor) -> Tensor | None:
+        """``jac_reg * jacobian_penalty + res_reg * residual_penalty`` at the solution z, or
+        None when both weights are 0: the terms the training objective adds to the loss."""
+        cfg, f = self.cfg, self.deq.f
+        terms = []
+        if cfg.jac_reg > 0:
+            terms.append(cfg.jac_reg * jacobian_penalty(f, z, x))
+        if cfg.res_reg > 0:
+            terms.append(cfg.res_reg * residual_penalty(f, z, x))
+        return sum(terms) if terms else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -84,9 +125,10 @@ class TransformerLM(nn.Module):
         """Final states [B, T, D] before the final LayerNorm."""
         x = self.embed(idx)
         if self.is_deq:
-            z = self.deq(x).to(x.dtype)
+            z = self._train_depth_solve(x) if self.training and self.cfg.depth_jitter else self.deq(x)
             self.last_stats = self.deq.last_stats
-            return z
+            self.last_penalty = self.equilibrium_penalty(z, x) if self.training and torch.is_grad_enabled() else None
+            return z.to(x.dtype)
         z = torch.zeros_like(x)
         for block in self.blocks:
             z = block(z, x)
@@ -101,41 +143,71 @@ class TransformerLM(nn.Module):
         return logits, loss
 
     # --- incremental decoding ---------------------------------------------------------
-    def new_caches(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
-        """Empty caches: one per explicit layer, or one with a level per DEQ evaluation."""
+    def new_caches(self, batch: int, dtype: torch.dtype, device, kind: str = "per-evaluation") -> list[KVCache]:
+        """Empty caches: one per explicit layer, or one for the DEQ of ``kind``
+        (``per-evaluation``: a level per block evaluation; ``equilibrium``: one level)."""
         heads, head_dim = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-        levels, count = (1 + 2 * self.deq.settings.max_steps, 1) if self.is_deq else (1, len(self.blocks))
-        return [KVCache(levels, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device)
-                for _ in range(count)]
+        if not self.is_deq:
+            return [KVCache(1, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device, kind="explicit")
+                    for _ in self.blocks]
+        if kind not in CACHE_KINDS[1:]:
+            raise ValueError(f"cache kind {kind!r}: must be one of {', '.join(CACHE_KINDS[1:])}")
+        levels = 1 if kind == "equilibrium" else 1 + 2 * self.deq.settings.max_steps
+        return [KVCache(levels, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device, kind=kind)]
+
+    def converged(self) -> bool:
+        """Whether the last DEQ solve met its tolerance at every position of every sequence."""
+        tol = self.deq.settings.tol
+        return tol > 0 and self.last_stats is not None and self.last_stats.max_residual <= tol
 
     @torch.no_grad()
-    def prefill(self, idx: Tensor) -> tuple[Tensor, list[KVCache]]:
-        """Solve the prompt once; returns the last position's logits [B, V] and the caches."""
+    def prefill(self, idx: Tensor, cache: str = "auto") -> tuple[Tensor, list[KVCache]]:
+        """Solve the prompt once; returns the last position's logits [B, V] and the caches.
+
+        ``cache`` (DEQ): ``auto`` keeps the equilibrium cache when the prompt's solve met
+        ``tol`` (the iterates are then the equilibrium, to ``tol``) and the per-evaluation
+        cache otherwise; ``equilibrium`` or ``per-evaluation`` force one. ``caches[0].kind``
+        says which."""
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"cache={cache!r}: must be one of {', '.join(CACHE_KINDS)}")
         x = self.embed(idx)
-        caches = self.new_caches(idx.shape[0], x.dtype, x.device)
-        return self.head(self.ln_f(self._extend(x, caches)[:, -1])), caches
+        if not self.is_deq:
+            caches = self.new_caches(idx.shape[0], x.dtype, x.device)
+            return self.head(self.ln_f(self._extend(x, caches)[:, -1])), caches
+        f = CachedSolveBlock(self.deq.f, None)
+        z = self._solve(f, x)
+        if cache == "auto":
+            cache = "equilibrium" if self.converged() else "per-evaluation"
+        caches = self.new_caches(idx.shape[0], x.dtype, x.device, cache)
+        caches[0].append(f.recorded)
+        return self.head(self.ln_f(z[:, -1])), caches
 
     @torch.no_grad()
     def decode_step(self, token: Tensor, caches: list[KVCache]) -> Tensor:
         """Append ``token`` [B] at the next position; returns its logits [B, V].
 
-        DEQ: solves only the new position's fixed point, on a [B, 1, D] state, each
-        evaluation attending to the cached keys/values of the earlier positions' iterate
-        of the same evaluation. Causal attention means those never depend on later
-        tokens, so this is the computation a solve of the whole sequence does for the last
-        position (the same steps: exactly, up to rounding)."""
+        DEQ: solves only the new position's fixed point, on a [B, 1, D] state. With the
+        per-evaluation cache each evaluation attends to the earlier positions' iterate of
+        the same evaluation; causal attention means those never depend on later tokens, so
+        this is the computation a solve of the whole sequence does for the last position
+        (exactly, up to rounding). With the equilibrium cache every evaluation attends to
+        the earlier positions' final states: the same fixed point, to the solver's ``tol``."""
         x = self.embed(token[:, None], start=caches[0].length)
         return self.head(self.ln_f(self._extend(x, caches)[:, -1]))
+
+    def _solve(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
+        solution = rk.solve(f, x, settings=self.inference_settings(), on_nonfinite="raise")
+        self.last_stats = solution.stats
+        return solution.z.to(x.dtype)
 
     def _extend(self, x: Tensor, caches: list[KVCache]) -> Tensor:
         """Final states of the new positions ``x`` [B, T, D] after the cached ones; their
         keys/values are appended to the caches."""
         if self.is_deq:
             f = CachedSolveBlock(self.deq.f, caches[0])
-            solution = rk.solve(f, x, settings=self.deq.settings, on_nonfinite="raise")
-            self.last_stats = solution.stats
+            z = self._solve(f, x)
             caches[0].append(f.recorded)
-            return solution.z.to(x.dtype)
+            return z
         z = torch.zeros_like(x)
         for block, cache in zip(self.blocks, caches):
             recorded: list = []

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .batches import TrainSampler
+from .adjoint_check import adjoint_gradient_error
+from .batches import TrainSampler, eval_starts, window_batch
 from .checkpoint import LAST, PREVIOUS, CheckpointError, load_checkpoint, save_rotating
 from .config import DATA_KEYS, MODEL_KEYS, LMConfig
 from .data import prepare_data
@@ -52,9 +53,13 @@ def make_optimizer(model: TransformerLM, cfg: LMConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
-def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch."""
-    return model(x, y)[1]
+def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy, the objective to differentiate) of one micro-batch:
+    a DEQ's objective adds the penalties of the same forward (``res_reg``, ``jac_reg``)."""
+    loss = model(x, y)[1]
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    penalty = core.last_penalty if core.is_deq else None
+    return loss, loss if penalty is None else loss + penalty
 
 
 @dataclass
@@ -151,7 +156,7 @@ class Trainer:
         self.model = TransformerLM(cfg).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.warmup_iters, cfg.max_iters, cfg.min_lr / cfg.lr))
+            self.optimizer, warmup_cosine(cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr / cfg.lr))
         self.sampler = TrainSampler(self.data["train"], cfg.seq_len, cfg.batch_size, cfg.seed, ddp.rank, ddp.world)
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
@@ -195,8 +200,8 @@ class Trainer:
             no_sync = self.wrapped.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()
             with no_sync:
                 with autocast_for(cfg, self.device):
-                    loss = compute_loss(self.wrapped, x, y)
-                (loss / cfg.grad_accum).backward()
+                    loss, objective = compute_loss(self.wrapped, x, y)
+                (objective / cfg.grad_accum).backward()
             loss_sum += loss.detach().double()
         if ddp.world > 1:
             dist.all_reduce(loss_sum)  # a NaN on any rank reaches every rank: all stop together
@@ -214,11 +219,22 @@ class Trainer:
         result = evaluate(self.model, self.data["validation"], cfg, self.device,
                           max_windows=cfg.eval_batches * cfg.batch_size, ddp=self.ddp)
         self.val[self.step] = result
+        seconds = self._slowest_rank(self.train_seconds)
         if self.logger is not None:
             extra = {k: v for k, v in result.items() if k not in ("loss", "ppl")}
             self.logger.log({"kind": "val", "step": self.step, "val_loss": result["loss"],
-                             "val_ppl": result["ppl"], **extra})
+                             "val_ppl": result["ppl"], "train_seconds": seconds, **extra})
         return result
+
+    def check_adjoint(self) -> float:
+        """The reversible gradient's relative error against unrolled, on the first validation batch."""
+        cfg = self.cfg
+        starts = eval_starts(len(self.data["validation"]), cfg.seq_len, cfg.batch_size)
+        x, y = (t.to(self.device) for t in window_batch(self.data["validation"], starts, cfg.seq_len))
+        error = adjoint_gradient_error(self.model, x, y, cfg, seed=cfg.seed + self.step)
+        if self.logger is not None:
+            self.logger.log({"kind": "grad_check", "step": self.step, "grad_error": error})
+        return error
 
     def checkpoint(self) -> None:
         """Every rank's RNG state and data position, gathered to rank 0, which alone writes."""
@@ -235,6 +251,14 @@ class Trainer:
                 "rng": [g[0] for g in gathered], "data": [g[1] for g in gathered],
                 "tokenizer": self.tokenizer.to_json(), "val": {str(k): v for k, v in self.val.items()},
             })
+
+    def _slowest_rank(self, seconds: float) -> float:
+        """The largest of every rank's ``seconds`` (the same figure on every rank)."""
+        if self.ddp.world == 1:
+            return seconds
+        value = torch.tensor(seconds, dtype=torch.float64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value)
 
     def _over_budget(self) -> bool:
         """Whether the time budget is spent, decided together so that all ranks stop at one step."""
@@ -284,10 +308,12 @@ class Trainer:
                 if self._over_budget():
                     stopped = "time_budget"
                 at_end = self.step == cfg.max_iters or stopped == "time_budget"
+                if cfg.grad_check_interval and (self.step % cfg.grad_check_interval == 0 or at_end):
+                    error = self.check_adjoint()
+                    self._write(f"step {self.step}: reversible gradient vs unrolled, relative error {error:.2e}", bar)
                 if self.step % cfg.eval_interval == 0 or at_end:
                     result = self.validate()
-                    if bar is not None:
-                        bar.write(f"step {self.step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
+                    self._write(f"step {self.step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}", bar)
                 if self.step % cfg.checkpoint_interval == 0 or at_end:
                     self.checkpoint()
         finally:
@@ -302,9 +328,17 @@ class Trainer:
         return TrainResult(self.model, self.tokenizer, self.step, stopped, self.losses, self.val,
                            self.out, self.train_seconds)
 
+    def _write(self, line: str, bar) -> None:
+        if bar is not None:
+            bar.write(line)
+        elif self.ddp.main:
+            self.log(line)
+
     def _report(self, bar, loss: float, lr: float, grad_norm: float, dt: float) -> None:
         stats = self.model.last_stats
         solver = {"solver_steps": stats.steps, "residual": stats.max_residual} if stats is not None else {}
+        if self.model.last_penalty is not None:
+            solver["penalty"] = float(self.model.last_penalty.detach())
         tokens_per_s = self.tokens_per_step / dt
         if self.logger is not None and (self.step % self.cfg.log_interval == 0 or self.step == self.cfg.max_iters):
             self.logger.log({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,

@@ -1,0 +1,173 @@
+"""The language model as a user meets it: every shipped preset's reversible gradient equals
+unrolled's on a trained model; the default block reaches an equilibrium that more steps
+improve; the grad-check and the new config keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from revdeq_kernels.lm import TransformerLM, load_config, prepare_data, train
+from revdeq_kernels.lm.adjoint_check import adjoint_gradient_error
+from revdeq_kernels.lm.config import ConfigError, LMConfig, preset_names, read_yaml
+from revdeq_kernels.lm.evaluation import evaluate_depths
+from revdeq_kernels.lm.penalties import jacobian_penalty, residual_penalty
+from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
+from tests.test_lm_model import model_config
+
+# What decides a preset's numerics; everything else is shrunk to test size.
+NUMERICS_KEYS = ("block", "method", "beta", "max_steps", "tol", "state_dtype", "reversal", "checkpoint_every",
+                 "dropout", "mlp_ratio")
+# float32 training, exact reversal: the two forwards differ by the fixed-point rounding
+# (2^-32 of the state), the two backwards by float32 reassociation; measured 0.9e-7..2.5e-7.
+GRAD_TOL = 1e-5
+
+
+def shrunk_preset(name: str, tmp_path, **overrides) -> LMConfig:
+    values, _ = read_yaml(name)
+    return small_config(tmp_path, **{k: values[k] for k in NUMERICS_KEYS if k in values}, **overrides)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_trains_with_reversible_gradients_equal_to_unrolled(preset, tmp_path):
+    cfg = shrunk_preset(preset, tmp_path, max_iters=20, eval_interval=20, checkpoint_interval=20,
+                        grad_check_interval=10)
+    lines: list[str] = []
+    result = train(cfg, log=lines.append)
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    checks = {r["step"]: r["grad_error"] for r in records if r["kind"] == "grad_check"}
+    assert sorted(checks) == [10, 20], f"{preset}: grad checks at steps {sorted(checks)}, expected [10, 20]"
+    assert any("reversible gradient vs unrolled, relative error" in line for line in lines), lines
+    worst = max(checks.values())
+    assert worst <= GRAD_TOL, f"{preset}: reversible vs unrolled gradient relative error {worst:.3g} > {GRAD_TOL}"
+
+
+def test_adjoint_check_sees_the_float_reversal_drift(tmp_path):
+    """The check must be able to fail: on the residual block the float reversal drifts."""
+    cfg = small_config(tmp_path, block="residual", reversal="float", max_steps=24, beta=0.5)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
+    with pytest.warns(RuntimeWarning, match="the gradients are inexact"):
+        float_error = adjoint_gradient_error(model, x, x, cfg)
+    exact_cfg = dataclasses.replace(cfg, reversal="exact")
+    model.deq.settings = dataclasses.replace(model.deq.settings, reversal="exact")
+    exact_error = adjoint_gradient_error(model, x, x, exact_cfg)
+    assert exact_error <= GRAD_TOL, f"exact reversal: gradient error {exact_error:.3g} > {GRAD_TOL}"
+    assert float_error > 100 * exact_error, (
+        f"float reversal at 24 steps on the residual block: error {float_error:.3g}, not far above exact's "
+        f"{exact_error:.3g}: the check would not catch a drifting adjoint")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("block", "dense", "must be one of residual, postln, normed, anchored, direct"),
+    ("checkpoint_every", "-1", "must be >= 0"),
+    ("grad_check_interval", "-2", "must be >= 0"),
+])
+def test_new_config_keys_reject_bad_values(key, value, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config("tiny", [f"{key}={value}"])
+    assert key in str(error.value)
+
+
+@pytest.mark.parametrize("key,value", [("checkpoint_every", "2"), ("grad_check_interval", "5")])
+def test_reversible_only_keys_name_the_method(key, value):
+    with pytest.raises(ConfigError, match="method=reversible") as error:
+        load_config("tiny", ["method=explicit", f"{key}={value}"])
+    assert key in str(error.value)
+
+
+def test_checkpoint_every_selects_the_checkpointed_float_reversal():
+    cfg = load_config("tiny", ["checkpoint_every=2", "vocab_size=64", "d_model=16", "n_heads=2"])
+    settings = TransformerLM(cfg).deq.settings
+    assert settings.checkpoint_every == 2 and settings.resolved_reversal == "float", settings
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        load_config("tiny", ["checkpoint_every=2", "reversal=exact"])
+
+
+def test_default_block_converges_and_more_steps_do_not_hurt(tmp_path):
+    """The default model is an equilibrium: trained for a few dozen steps at N solver steps,
+    its residual keeps falling at 2N and 4N, and evaluating deeper is not worse."""
+    defaults = LMConfig()
+    cfg = small_config(tmp_path, block=defaults.block, res_reg=defaults.res_reg, depth_jitter=defaults.depth_jitter,
+                       max_steps=4, beta=0.8, max_iters=60, eval_interval=60, checkpoint_interval=60,
+                       lr=1e-2, min_lr=1e-3, warmup_iters=5)
+    result = train(cfg, log=lambda *a: None)
+    assert result.val[60]["loss"] < 4.0, f"the model did not learn: val loss {result.val[60]['loss']:.3f}"
+    rows = evaluate_depths(result.model, prepare_data(cfg, log=lambda *a: None)["validation"], cfg,
+                           torch.device("cpu"), [4, 8, 16], max_windows=16)
+    relative = [r["residual_max"] for r in rows]
+    absolute = [r["abs_residual_max"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    # both: a residual block's relative residual falls too, as ||z|| grows, while its absolute
+    # one stays put (measured 3.64 at 4, 8 and 16 steps on this model)
+    assert relative[0] > relative[1] > relative[2], f"relative residual at 4, 8, 16 steps: {relative}: not falling"
+    assert absolute[0] > 10 * absolute[1] > 100 * absolute[2], (
+        f"absolute residual at 4, 8, 16 steps: {absolute}: not falling 10x per doubling (measured 100x)")
+    # Margin: 1% of the loss (measured: equal to 4 digits)
+    assert loss[1] <= loss[0] * 1.01 and loss[2] <= loss[0] * 1.01, f"val loss at 4, 8, 16 steps: {loss}"
+
+
+def test_residual_penalty_is_the_squared_relative_residual_the_solver_reports():
+    torch.manual_seed(0)
+    model = TransformerLM(model_config(max_steps=3)).double().train()
+    idx = torch.randint(0, 50, (3, 12))
+    z = model.deq(model.embed(idx))
+    reported = model.deq.last_stats.residual  # per sequence, with the 1e-5 guard in the denominator
+    penalty = residual_penalty(model.deq.f, z, model.embed(idx)).detach()
+    want = float(reported.pow(2).mean())
+    assert abs(float(penalty) - want) <= 1e-4 * want, f"residual penalty {float(penalty):.6g} vs solver's {want:.6g}"
+
+
+def test_jacobian_penalty_estimates_the_mean_squared_singular_value():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, dtype=torch.float64) * 0.4
+    f = lambda z, x: torch.tanh(z @ weight.T + x)  # noqa: E731
+    z, x = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda t: f(t, x), z)  # [2, 6, 2, 6]
+    exact = float(jac.pow(2).sum()) / z.numel()
+    estimate = sum(float(jacobian_penalty(f, z, x).detach()) for _ in range(4000)) / 4000
+    assert abs(estimate - exact) <= 0.05 * exact, f"Hutchinson mean {estimate:.4g} vs ||J||_F^2/n {exact:.4g}"
+
+
+def test_depth_jitter_draws_every_depth_in_its_range_and_only_in_training():
+    torch.manual_seed(0)
+    model = TransformerLM(model_config(max_steps=2, depth_jitter=3)).train()
+    idx = torch.randint(0, 50, (2, 12))
+    seen = set()
+    for _ in range(40):
+        model(idx)
+        seen.add(model.last_stats.steps)
+    assert seen == {2, 3, 4, 5}, f"training solves took {sorted(seen)} steps, expected 2..5"
+    assert model.deq.settings.max_steps == 2, "the jitter leaked into the model's settings"
+    model.eval()
+    model(idx)
+    assert model.last_stats.steps == 2, "evaluation must run the configured max_steps"
+
+
+def test_training_with_penalties_logs_them_and_still_learns(tmp_path):
+    cfg = small_config(tmp_path, res_reg=20.0, jac_reg=0.01, depth_jitter=1, max_iters=20, eval_interval=20,
+                       checkpoint_interval=20)
+    result = train(cfg, log=lambda *a: None)
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    penalties = [r["penalty"] for r in records if r["kind"] == "train"]
+    assert len(penalties) == 20 and all(p > 0 for p in penalties), penalties
+    assert result.losses[20] < result.losses[1] - 0.5, (result.losses[1], result.losses[20])
+
+
+def test_a_checkpoint_from_before_the_block_key_loads_as_the_residual_block(tmp_path):
+    from revdeq_kernels.lm.checkpoint import load_checkpoint, load_model, save_rotating
+
+    cfg = small_config(tmp_path, block="residual", res_reg=0.0, max_iters=2, eval_interval=2, checkpoint_interval=2)
+    result = train(cfg, log=lambda *a: None)
+    payload = load_checkpoint(result.out_dir / "last.pt")
+    for key in ("block", "res_reg", "jac_reg", "depth_jitter", "checkpoint_every", "grad_check_interval",
+                "lr_decay_iters"):
+        del payload["config"][key]  # as written before these keys existed
+    save_rotating(tmp_path / "old", payload)
+    model, _, loaded, _ = load_model(tmp_path / "old" / "last.pt")
+    assert loaded.block == "residual" and loaded.res_reg == 0.0, (loaded.block, loaded.res_reg)
+    assert not hasattr(model.deq.f, "ln3"), "an old checkpoint must build the block it was trained with"
