@@ -137,8 +137,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="revdeq-generate",
-        description="Sample text from a checkpoint. The DEQ decodes incrementally through an equilibrium "
-                    "cache unless --no-cache. key=value overrides may change inference settings.")
+        description="Sample text from a checkpoint. The DEQ decodes incrementally through a key/value cache "
+                    "(--cache) unless --no-cache. key=value overrides may change inference settings.")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
