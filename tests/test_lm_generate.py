@@ -74,6 +74,15 @@ def test_eval_and_generate_command_lines(tmp_path, capsys):
     assert eval_main(["--checkpoint", ckpt, "--split", "test", "--max-windows", "8", "threads=1"]) == 0
     out = capsys.readouterr().out
     assert "test: loss" in out and "perplexity" in out and "solver: steps mean 3.00" in out, out
+    png = tmp_path / "depth.png"
+    assert eval_main(["--checkpoint", ckpt, "--split", "validation", "--max-windows", "4", "--depths", "2,6",
+                      "--plot", str(png), "threads=1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["2"], ["6"])]
+    assert [r[0] for r in rows] == ["2", "6"] and png.stat().st_size > 0, out
+    assert float(rows[1][2]) < float(rows[0][2]), f"relative residual did not fall from 2 to 6 steps:\n{out}"
+    assert eval_main(["--checkpoint", ckpt, "--plot", str(png)]) == 2
+    assert "--plot needs --depths" in capsys.readouterr().err
     args = ["--checkpoint", ckpt, "--prompt", "KING: the", "--max-new-tokens", "12", "--seed", "3", "--top-k", "40"]
     assert generate_main(args) == 0
     first = capsys.readouterr()

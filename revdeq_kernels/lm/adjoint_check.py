@@ -9,8 +9,6 @@ its ``tol`` and its states' dtype.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -39,12 +37,7 @@ def adjoint_gradient_error(model: TransformerLM, x: Tensor, y: Tensor, cfg: LMCo
     the fixed-point format's rounding (2^-frac_bits), so a float32 model agrees to ~1e-6."""
     if cfg.method != "reversible":
         raise ValueError(f"the adjoint check compares method=reversible with unrolled; this model is {cfg.method}")
-    deq = model.deq
-    reversible = deq.settings
     reversible_grad = _parameter_gradients(model, x, y, cfg, seed)
-    deq.settings = dataclasses.replace(reversible, adjoint="unrolled", reversal=None, checkpoint_every=None)
-    try:
+    with model.solver_settings(adjoint="unrolled", reversal=None, checkpoint_every=None):
         unrolled_grad = _parameter_gradients(model, x, y, cfg, seed)
-    finally:
-        deq.settings = reversible
     return float((reversible_grad - unrolled_grad).norm() / unrolled_grad.norm().clamp_min(1e-300))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -63,12 +62,7 @@ def evaluate_depths(model: TransformerLM, tokens, cfg: LMConfig, device: torch.d
     every solve runs exactly that many steps: a DEQ's promise is that more steps at
     inference do not hurt. The model's own settings are restored afterwards."""
     rows = []
-    settings = model.deq.settings if depths else None
-    try:
-        for steps in depths:
-            model.deq.settings = dataclasses.replace(settings, max_steps=steps, tol=0.0)
+    for steps in depths:
+        with model.solver_settings(max_steps=steps, tol=0.0):
             rows.append({"steps": steps, **evaluate(model, tokens, cfg, device, max_windows=max_windows, ddp=ddp)})
-    finally:
-        if settings is not None:
-            model.deq.settings = settings
     return rows

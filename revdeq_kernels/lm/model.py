@@ -14,6 +14,7 @@ Only the public core API is used: ``rk.DEQ`` and ``rk.solve``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -84,17 +85,24 @@ class TransformerLM(nn.Module):
         # Block evaluations on the residual path: 2 per DEQ step, 1 per explicit layer.
         init_weights_(self, 2 * self.cfg.max_steps if self.is_deq else self.cfg.n_layers)
 
+    @contextlib.contextmanager
+    def solver_settings(self, **changes):
+        """Within the block, the DEQ solves with ``changes`` to its settings (validated), e.g.
+        ``max_steps=16, tol=0``; its own settings come back afterwards, whatever happens."""
+        settings = self.deq.settings
+        self.deq.settings = dataclasses.replace(settings, **changes)
+        try:
+            yield
+        finally:
+            self.deq.settings = settings
+
     def _train_depth_solve(self, x: Tensor) -> Tensor:
         """The DEQ at max_steps + k steps, k drawn uniformly from 0..depth_jitter (torch's RNG,
         so a resumed run draws the same k): a model trained at one depth can exploit that
         depth's transient, one trained over a range must be good wherever the solve stops."""
-        settings = self.deq.settings
         extra = int(torch.randint(0, self.cfg.depth_jitter + 1, ()))
-        self.deq.settings = dataclasses.replace(settings, max_steps=settings.max_steps + extra)
-        try:
+        with self.solver_settings(max_steps=self.deq.settings.max_steps + extra):
             return self.deq(x)
-        finally:
-            self.deq.settings = settings
 
     def equilibrium_penalty(self, z: Tensor, x: Tensor) -> Tensor | None:
         """``jac_reg * jacobian_penalty + res_reg * residual_penalty`` at the solution z, or

@@ -58,8 +58,7 @@ def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     a DEQ's objective adds the penalties of the same forward (``res_reg``, ``jac_reg``)."""
     loss = model(x, y)[1]
     core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    penalty = core.last_penalty if core.is_deq else None
-    return loss, loss if penalty is None else loss + penalty
+    return loss, loss if core.last_penalty is None else loss + core.last_penalty
 
 
 @dataclass
