@@ -165,7 +165,7 @@ setup(
     extras_require={
         "lm": ["pyyaml", "tqdm", "tokenizers", "tensorboard", "matplotlib"],
         "hf": ["datasets", "transformers"],
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": [
         "revdeq-train=revdeq_kernels.lm.cli:train_main",

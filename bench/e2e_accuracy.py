@@ -8,6 +8,7 @@ Gradient error: ||g - g_ref|| / ||g_ref|| over the gradients of x and every para
 g_ref is autograd through the same forward iteration, same weights, same steps:
     reversible, reversible_ck, reversible_exact   the reversible iteration unrolled (adjoint="unrolled")
     implicit, phantom           the baseline solver unrolled (rk.DEQ adjoint="unrolled")
+    broyden                     the Broyden iteration unrolled
     torchdeq_ift                the fixed-point iteration unrolled, then f once more (its output is f(z*))
     torchdeq_phantom            the fixed-point iteration unrolled, then its k damped steps
 unrolled and explicit are plain autograd: they are the truth, no error is reported.
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import revdeq_kernels as rk
-from e2e_methods import Setup, build, inputs, loss_fn, seeded_block
+from e2e_methods import Setup, broyden_solve, build, inputs, loss_fn, seeded_block
 from revdeq_kernels.lm import Block
 
 
@@ -70,6 +71,8 @@ def reference(method: str, steps: int, setup: Setup) -> nn.Module | str | None:
         return rk.DEQ(block, solver=setup.baseline_solver, adjoint="unrolled", max_steps=2 * steps, tol=0,
                       beta=setup.damping, **(dict(m=setup.m, lam=setup.lam)
                                               if setup.baseline_solver == "anderson" else {}))
+    if method == "broyden":
+        return rk.DEQ(block, **broyden_solve(steps, setup), adjoint="unrolled")
     if setup.baseline_solver != "fixed_point":
         return "n/a: torchdeq's Anderson writes its buffers in place; autograd cannot replay it"
     if method == "torchdeq_ift":

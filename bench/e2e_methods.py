@@ -9,6 +9,8 @@ the reversible iteration's 1 + 2N.
     unrolled          the same iteration, autograd through every step (the truth for reversible)
     implicit          rk.DEQ(solver=baseline, adjoint="implicit"), 2N steps; adjoint solve 2N steps
     phantom           rk.DEQ(solver=baseline, adjoint="phantom"), 2N steps; k damped steps back
+    broyden           rk.DEQ(solver="broyden", adjoint="implicit", backward_solver="broyden"), 2N steps
+                      both ways: the DEQ-Transformer recipe of locuslab/deq
     explicit          L = 1 + 2N blocks with separate weights: z = 0; z = block_l(z, x)
     torchdeq_ift      torchdeq's DEQIndexing, same solver and 2N steps, IFT (its output is f(z*))
     torchdeq_phantom  torchdeq's DEQIndexing, phantom gradient with the same k and damping
@@ -25,13 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import revdeq_kernels as rk
-from revdeq_kernels.lm.block import Block, init_weights_
+from revdeq_kernels.lm.block import BLOCKS, Block, init_weights_
 
 # The float reversal's drift warnings: the table reports its gradient error instead.
 warnings.filterwarnings("ignore", message="the reversible backward", category=RuntimeWarning)
 
-METHODS = ("reversible", "reversible_ck", "reversible_exact", "unrolled", "implicit", "phantom", "explicit",
-           "torchdeq_ift", "torchdeq_phantom")
+METHODS = ("reversible", "reversible_ck", "reversible_exact", "unrolled", "implicit", "phantom", "broyden",
+           "explicit", "torchdeq_ift", "torchdeq_phantom")
 TORCHDEQ_SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson"}
 
 
@@ -42,6 +44,7 @@ class Setup:
     width: int = 128
     heads: int = 4
     mlp_ratio: float = 4.0
+    block: str = "residual"        # a key of revdeq_kernels.lm.block.BLOCKS
     dtype: str = "float32"
     device: str = "cpu"
     beta: float = 0.8              # reversible coupling
@@ -50,6 +53,7 @@ class Setup:
     damping: float = 0.8           # fixed-point / Anderson damping of the baselines
     m: int = 5                     # Anderson window (baseline_solver="anderson")
     lam: float = 1e-4
+    broyden_m: int = 30            # Broyden's stored inverse-Jacobian pairs (method "broyden")
     phantom_steps: int = 5
     phantom_beta: float = 0.8
     seed: int = 0
@@ -74,8 +78,9 @@ def torchdeq_status() -> str | None:
 
 
 def make_block(setup: Setup, depth: int) -> Block:
-    """The LM's block with the LM's initialisation (depth = block evaluations on the residual path)."""
-    block = Block(setup.width, setup.heads, int(setup.mlp_ratio * setup.width))
+    """The LM's block (``setup.block``) with the LM's initialisation (depth = block evaluations on the
+    residual path)."""
+    block = BLOCKS[setup.block](setup.width, setup.heads, int(setup.mlp_ratio * setup.width))
     init_weights_(block, depth)
     return block.to(device=setup.device, dtype=setup.torch_dtype)
 
@@ -124,6 +129,11 @@ def seeded_block(steps: int, setup: Setup) -> Block:
     return make_block(setup, evaluations(steps))
 
 
+def broyden_solve(steps: int, setup: Setup) -> dict:
+    """The forward solve of method "broyden" (its first step damped like the baselines')."""
+    return dict(solver="broyden", max_steps=2 * steps, tol=0, beta=setup.damping, m=setup.broyden_m)
+
+
 def build(method: str, steps: int, setup: Setup) -> nn.Module:
     """A module mapping x [B, T, D] to z [B, T, D] for ``method`` at sweep point ``steps``."""
     if method == "explicit":
@@ -150,6 +160,9 @@ def build(method: str, steps: int, setup: Setup) -> nn.Module:
     if method == "phantom":
         return rk.DEQ(block, adjoint="phantom", phantom_steps=setup.phantom_steps,
                       phantom_beta=setup.phantom_beta, **baseline)
+    if method == "broyden":
+        return rk.DEQ(block, **broyden_solve(steps, setup), adjoint="implicit", backward_solver="broyden",
+                      backward_max_steps=2 * steps, backward_tol=0)
     if method in ("torchdeq_ift", "torchdeq_phantom"):
         return TorchDEQ(block, setup, 2 * steps, ift=method == "torchdeq_ift")
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")

@@ -1,7 +1,7 @@
 """End-to-end training step of a transformer-block DEQ: `python bench/throughput.py --suite e2e`.
 
 f is the language model's block (revdeq_kernels.lm.Block), batch x seq x width settable.
-For each method (bench/e2e_methods.py: reversible, reversible_ck, reversible_exact, unrolled, implicit,
+For each method (bench/e2e_methods.py: reversible, reversible_ck, reversible_exact, unrolled, implicit, broyden,
 phantom, explicit, and torchdeq's IFT and phantom modes when torchdeq is installed) and
 each N in --steps, with the same forward budget of 1 + 2N block evaluations for all:
 training-step time (median over timed rounds after --warmup; all methods at one N in one
@@ -29,6 +29,7 @@ import torch
 from bench_env import header, print_header
 from e2e_accuracy import count_and_compare
 from e2e_methods import METHODS, Setup, build, torchdeq_status
+from revdeq_kernels.lm.block import BLOCKS
 from e2e_report import plot, print_targets, table, targets, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=d.width)
     g.add_argument("--heads", type=int, default=d.heads)
     g.add_argument("--mlp-ratio", type=float, default=d.mlp_ratio)
+    g.add_argument("--block", choices=tuple(BLOCKS), default=d.block,
+                   help="the LM block used as f (residual: the original; normed: the LM's default)")
     g.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=d.dtype)
     g.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     g.add_argument("--steps", type=_ints, default=[2, 4, 8, 16, 32], help="comma-separated N")
@@ -71,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--damping", type=float, default=d.damping, help="damping of the baselines' solver")
     g.add_argument("--m", type=int, default=d.m, help="Anderson window")
     g.add_argument("--lam", type=float, default=d.lam, help="Anderson regularisation")
+    g.add_argument("--broyden-m", type=int, default=d.broyden_m, help="Broyden's stored pairs (method broyden)")
     g.add_argument("--phantom-steps", type=int, default=d.phantom_steps)
     g.add_argument("--phantom-beta", type=float, default=d.phantom_beta)
     g.add_argument("--warmup", type=int, default=1)
@@ -120,7 +124,7 @@ def run(args) -> int:
     info["load_average_start"] = os.getloadavg()
     info["threads"] = args.threads or torch.get_num_threads()
     print_header(info, "e2e: one training step (zero grads, forward, MSE loss, backward) of a transformer-block DEQ")
-    print(f"# block: width {setup.width}, {setup.heads} heads, MLP {int(setup.mlp_ratio * setup.width)}; "
+    print(f"# block: {setup.block}, width {setup.width}, {setup.heads} heads, MLP {int(setup.mlp_ratio * setup.width)}; "
           f"batch {setup.batch} x seq {setup.seq}, {setup.dtype}; reversible beta {setup.beta}, "
           f"reversible_ck K={setup.checkpoint_every}; baselines: {setup.baseline_solver} damping {setup.damping}, "
           f"phantom k={setup.phantom_steps} t={setup.phantom_beta}; tol 0; time: median of >= {args.repeats} "

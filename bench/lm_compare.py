@@ -10,7 +10,9 @@ forward, ``1 + 2 * max_steps``): ``explicit-1``, ``explicit-L`` and ``explicit-4
 reversible adjoint, exact and float reversal (``reversible-<block>-exact``,
 ``reversible-<block>-float``; the residual block without ``res_reg``, as in the original
 code), and, with the config's block, the same iteration unrolled
-(``unrolled``) and the classic ``implicit`` and ``phantom`` gradients.
+(``unrolled``) and the classic ``implicit`` and ``phantom`` gradients, and ``broyden``, the
+DEQ-Transformer recipe of locuslab/deq: Broyden's method forward and for the implicit
+adjoint, ``2 * max_steps`` steps each (the same block evaluations).
 
 Every run trains in a fresh process with the learning rate warmed up and then held at its
 peak (``lr_decay_iters`` far beyond the run), so that every row sees the same schedule per
@@ -56,7 +58,9 @@ def rows_for(cfg) -> dict[str, dict]:
         for reversal in ("exact", "float"):
             rows[f"reversible-{block}-{reversal}"] = {"method": "reversible", "block": block, "reversal": reversal,
                                                       **extra}
-    for method in ("unrolled", "implicit", "phantom"):
+    # broyden: the classic DEQ-Transformer recipe (Broyden forward and backward, implicit
+    # adjoint) at the same block evaluations as the reversible iteration
+    for method in ("unrolled", "implicit", "phantom", "broyden"):
         rows[method] = {"method": method, "block": cfg.block}
     return rows
 

@@ -6,6 +6,7 @@
 
 solver:  "fixed_point" (relaxed iteration, damping beta in (0, 1], default 1),
          "anderson"    (Anderson acceleration, window m=5, regularisation lam=1e-4, damping beta),
+         "broyden"     (Broyden's method, m=30 stored inverse-Jacobian pairs, first step damped by beta),
          "reversible"  (the RevDEQ iteration, coupling beta in (0, 2) != 1, default 0.8).
 adjoint: "unrolled"    autograd through every solver step (exact for the iteration; memory grows),
          "implicit"    implicit-function-theorem adjoint, solved by backward_solver,
@@ -13,7 +14,7 @@ adjoint: "unrolled"    autograd through every solver step (exact for the iterati
          "reversible"  the exact reversible backward; needs solver="reversible".
 
 Statistics (``last_stats``), per method, with N = ``steps``:
-    nfe_forward   evaluations of f in the forward call: 1 + N for fixed_point/anderson
+    nfe_forward   evaluations of f in the forward call: 1 + N for fixed_point/anderson/broyden
                   (f(z_0), then one per step), 1 + 2N for reversible.
     nfe_backward  evaluations of f (new forward passes of f) in the backward call:
                   unrolled 0 (autograd replays the stored graphs: nfe_forward VJPs),
@@ -45,18 +46,25 @@ class DEQ(nn.Module):
 
     Args:
         f: ``f(z, x) -> z'``, an nn.Module (its parameters are trained) or a callable.
-        solver: "fixed_point", "anderson" or "reversible".
+        solver: "fixed_point", "anderson", "broyden" or "reversible".
         adjoint: "unrolled", "implicit", "phantom" or "reversible" (reversible solver only).
         max_steps: at most this many solver steps (default 30; 8 for the reversible solver).
         tol: stop when every sample's ||z - f(z)|| / (1e-5 + ||f(z)||) <= tol; 0 runs
             exactly ``max_steps`` steps.
-        beta: damping of fixed_point/anderson in (0, 1] (default 1), or the reversible
-            coupling in (0, 2), != 1 (default 0.8).
-        m, lam: Anderson window (int >= 1, default 5) and regularisation (>= 0, relative
-            to the mean squared residual in the window, default 1e-4).
+        beta: damping of fixed_point/anderson/broyden in (0, 1] (default 1; Broyden's
+            initial inverse Jacobian is -beta I), or the reversible coupling in (0, 2),
+            != 1 (default 0.8).
+        m: Anderson's window of past states (int >= 1, default 5), or the number of
+            inverse-Jacobian pairs Broyden stores before it restarts (default 30, all of
+            the default 30 steps, as locuslab/deq keeps them); with both solvers (one
+            forward, one as backward_solver) a given m applies to both.
+        lam: Anderson's regularisation (>= 0, relative to the mean squared residual in
+            the window, default 1e-4).
         backward_solver, backward_max_steps, backward_tol, backward_beta: the implicit
             adjoint's solve (default: "fixed_point", max_steps, tol, and beta for the
-            fixed_point/anderson solvers or 1 after the reversible one).
+            fixed_point/anderson/broyden solvers or 1 after the reversible one).
+            backward_solver="broyden" with solver="broyden" is the classic DEQ recipe
+            of locuslab/deq.
         phantom_steps, phantom_beta: the phantom adjoint's k (default 5) and damping
             (default: as backward_beta).
         checkpoint_every, reversal, frac_bits: adjoint="reversible" only; see ReversibleDEQ.
@@ -87,7 +95,7 @@ class DEQ(nn.Module):
         self.last_adjoint_stats: SolverStats | None = None
 
     def _iterate(self, name: str):
-        return iterative_solver(name, self.settings.m, self.settings.lam)
+        return iterative_solver(name, self.settings.memory(name), self.settings.lam)
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         s = self.settings

@@ -24,12 +24,14 @@ from .ops import STATE_DTYPES
 NONFINITE_MODES = ("raise", "warn")
 REVERSALS = ("float", "exact")
 REVERSIBLE_ADJOINTS = ("reversible", "unrolled")
-ITERATIVE_SOLVERS = ("fixed_point", "anderson")
+ITERATIVE_SOLVERS = ("fixed_point", "anderson", "broyden")
 SOLVERS = ITERATIVE_SOLVERS + ("reversible",)
 DEQ_ADJOINTS = ("unrolled", "implicit", "phantom", "reversible")
-DEFAULT_MAX_STEPS = {"fixed_point": 30, "anderson": 30, "reversible": 8}
-DEFAULT_BETA = {"fixed_point": 1.0, "anderson": 1.0, "reversible": 0.8}
-DEFAULT_M, DEFAULT_LAM, DEFAULT_PHANTOM_STEPS = 5, 1e-4, 5
+DEFAULT_MAX_STEPS = {"fixed_point": 30, "anderson": 30, "broyden": 30, "reversible": 8}
+DEFAULT_BETA = {"fixed_point": 1.0, "anderson": 1.0, "broyden": 1.0, "reversible": 0.8}
+# m: Anderson's window of past states, Broyden's number of stored inverse-Jacobian pairs.
+DEFAULT_M = {"anderson": 5, "broyden": 30}
+DEFAULT_LAM, DEFAULT_PHANTOM_STEPS = 1e-4, 5
 
 
 class SettingError(ValueError):
@@ -117,6 +119,11 @@ def _reversal(settings, solver_uses: str | None) -> None:
                            "exact at every step, so there is no drift to restart from")
 
 
+def _user(solver: str, backward_solver: str | None, only: str) -> str:
+    return (f"by solver={solver!r}" + (f" and backward_solver={backward_solver!r}" if backward_solver else "")
+            + f" (only by {only})")
+
+
 def _reject_unused(names: dict, user: str) -> None:
     given = [name for name, value in names.items() if value is not None]
     if given:
@@ -164,7 +171,9 @@ class SolveSettings(_Frozen):
 @dataclass(frozen=True)
 class DEQSettings(_Frozen):
     """A ``DEQ``'s solver and adjoint; ``None`` means the default for the choice made
-    (and stays ``None`` for the settings that choice does not use)."""
+    (and stays ``None`` for the settings that choice does not use). ``m`` stays ``None``
+    unless given: Anderson and Broyden (forward, or as backward_solver) then each use their
+    own default, ``memory(solver)``."""
 
     solver: str = "anderson"
     adjoint: str = "implicit"
@@ -231,15 +240,18 @@ class DEQSettings(_Frozen):
                 phantom_beta=damping("phantom_beta", adjoint_damping if self.phantom_beta is None
                                      else self.phantom_beta))
 
-        if "anderson" not in (solver, self.backward_solver):
-            _reject_unused(dict(m=self.m, lam=self.lam), f"by solver={solver!r}"
-                           + (f" and backward_solver={self.backward_solver!r}" if self.backward_solver else "")
-                           + " (only by 'anderson')")
+        used = (solver, self.backward_solver)
+        if not {"anderson", "broyden"} & set(used):
+            _reject_unused(dict(m=self.m), _user(solver, self.backward_solver, "'anderson' and 'broyden'"))
+        elif self.m is not None:
+            self._set(m=count("m (Anderson window / Broyden memory)", self.m))
+        if "anderson" not in used:
+            _reject_unused(dict(lam=self.lam), _user(solver, self.backward_solver, "'anderson'"))
         else:
             lam = float(DEFAULT_LAM if self.lam is None else self.lam)
             if not (math.isfinite(lam) and lam >= 0.0):
                 raise SettingError("lam (Anderson regularisation)", f"must be finite and >= 0, got {lam}")
-            self._set(m=count("m (Anderson window)", DEFAULT_M if self.m is None else self.m), lam=lam)
+            self._set(lam=lam)
 
         if adjoint != "reversible":
             _reject_unused(dict(checkpoint_every=self.checkpoint_every),
@@ -249,6 +261,10 @@ class DEQSettings(_Frozen):
                   f"adjoint='reversible', got solver={solver!r}, adjoint={adjoint!r}")
 
     resolved_reversal = SolveSettings.resolved_reversal
+
+    def memory(self, solver: str) -> int | None:
+        """m for ``solver``: the user's, else that solver's default (None if it uses none)."""
+        return self.m if self.m is not None else DEFAULT_M.get(solver)
 
     def reversible_solve(self) -> SolveSettings:
         """The settings of ``solve`` for solver='reversible' with its own adjoints."""

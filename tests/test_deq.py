@@ -45,7 +45,8 @@ def method_gradients(seed=0, **settings):
 
 
 @pytest.mark.parametrize("solver,backward_solver", [
-    ("fixed_point", "fixed_point"), ("fixed_point", "anderson"), ("anderson", "fixed_point")])
+    ("fixed_point", "fixed_point"), ("fixed_point", "anderson"), ("anderson", "fixed_point"),
+    ("fixed_point", "broyden")])
 def test_implicit_gradient_approaches_unrolled_as_both_converge(solver, backward_solver):
     errors = []
     for steps in (4, 8, 16, 32):
@@ -122,6 +123,7 @@ def test_anderson_singular_system_falls_back_to_the_relaxed_step():
 METHODS = [
     ("fixed_point", "unrolled"), ("fixed_point", "implicit"), ("fixed_point", "phantom"),
     ("anderson", "unrolled"), ("anderson", "implicit"), ("anderson", "phantom"),
+    ("broyden", "unrolled"), ("broyden", "implicit"), ("broyden", "phantom"),
     ("reversible", "reversible"), ("reversible", "unrolled"), ("reversible", "implicit"),
     ("reversible", "phantom"),
 ]
@@ -202,13 +204,13 @@ def test_fused_backends_match_torch(pair):
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(solver="broyden"), "solver must be one of"),
+    (dict(solver="newton"), "solver must be one of"),
     (dict(adjoint="ift"), "adjoint must be one of"),
     (dict(solver="fixed_point", adjoint="reversible"), "needs solver='reversible'"),
     (dict(solver="anderson", adjoint="reversible"), "needs solver='reversible'"),
-    (dict(solver="anderson", m=0), "m \\(Anderson window\\) must be an int >= 1"),
-    (dict(solver="anderson", m=2.5), "m \\(Anderson window\\) must be an int >= 1"),
-    (dict(solver="anderson", m=True), "m \\(Anderson window\\) must be an int >= 1"),
+    (dict(solver="anderson", m=0), "m \\(Anderson window / Broyden memory\\) must be an int >= 1"),
+    (dict(solver="anderson", m=2.5), "m \\(Anderson window / Broyden memory\\) must be an int >= 1"),
+    (dict(solver="anderson", m=True), "m \\(Anderson window / Broyden memory\\) must be an int >= 1"),
     (dict(solver="anderson", lam=-1e-3), "lam \\(Anderson regularisation\\) must be finite and >= 0"),
     (dict(solver="anderson", lam=math.nan), "lam \\(Anderson regularisation\\) must be finite and >= 0"),
     (dict(solver="fixed_point", m=5), "m is not used by solver='fixed_point'"),
@@ -216,7 +218,11 @@ def test_fused_backends_match_torch(pair):
     (dict(solver="fixed_point", beta=0.0), "beta is a damping and must be in \\(0, 1\\]"),
     (dict(solver="anderson", beta=1.5), "beta is a damping and must be in \\(0, 1\\]"),
     (dict(solver="reversible", adjoint="reversible", beta=1.0), "beta must be in \\(0, 2\\) and != 1"),
-    (dict(adjoint="implicit", backward_solver="broyden"), "backward_solver must be one of"),
+    (dict(adjoint="implicit", backward_solver="newton"), "backward_solver must be one of"),
+    (dict(solver="broyden", lam=1e-3), "lam is not used by solver='broyden'"),
+    (dict(solver="broyden", m=0), "m \\(Anderson window / Broyden memory\\) must be an int >= 1"),
+    (dict(solver="broyden", beta=1.5), "beta is a damping and must be in \\(0, 1\\]"),
+    (dict(solver="broyden", adjoint="reversible"), "needs solver='reversible'"),
     (dict(adjoint="implicit", backward_beta=2.0), "backward_beta is a damping"),
     (dict(adjoint="implicit", backward_max_steps=0), "backward_max_steps must be an int >= 1"),
     (dict(adjoint="implicit", backward_tol=-1.0), "backward_tol must be >= 0"),

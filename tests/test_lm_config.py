@@ -47,7 +47,7 @@ def test_unknown_key_lists_every_valid_key(tmp_path):
     ("beta=1", r"beta=1.0: must be in \(0, 2\) and != 1"),
     ("d_model=30", "d_model=30: must be divisible by n_heads=4"),
     ("state_dtype=float16", "state_dtype='float16': must be one of"),
-    ("method=anderson", "method='anderson': must be one of reversible, unrolled, implicit, phantom, explicit"),
+    ("method=anderson", "method='anderson': must be one of reversible, unrolled, implicit, phantom, broyden, explicit"),
     ("dataset=files", "dataset=files needs data_files"),
     ("min_lr=1", r"min_lr=1.0: must be in \[0, lr="),
     ("vocab_size=0", "vocab_size=0: must be >= 1"),

@@ -34,6 +34,28 @@ def test_thirty_steps_loss_falls_and_run_records_are_written(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))
 
 
+def test_writing_the_plots_leaves_the_callers_matplotlib_alone(tmp_path):
+    """Training in a notebook must not switch its plotting backend (an earlier version set
+    Agg globally, and the notebook's plots after training vanished)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from revdeq_kernels.lm.metrics import plot_depths, plot_losses
+
+    original = matplotlib.get_backend()
+    plt.switch_backend("svg")  # not Agg, so that switching to Agg shows
+    before, figures = matplotlib.get_backend(), plt.get_fignums()
+    (tmp_path / "m.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n'
+                                      '{"kind": "val", "step": 1, "val_loss": 2.5}\n')
+    plot_losses(tmp_path / "m.jsonl", tmp_path / "loss.png")
+    plot_depths([{"steps": s, "ppl": 10.0, "residual_mean": 0.1 / s, "abs_residual_mean": 0.2 / s} for s in (1, 2)],
+                tmp_path / "depth.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "depth.png").stat().st_size > 0
+    assert matplotlib.get_backend() == before and plt.get_fignums() == figures, (
+        f"backend {before} -> {matplotlib.get_backend()}, figures {figures} -> {plt.get_fignums()}")
+    plt.switch_backend(original)
+
+
 def crash_at_step(monkeypatch, step: int):
     """Make the forward of optimizer step ``step`` raise, as a killed run would stop."""
     calls = {"n": 0}

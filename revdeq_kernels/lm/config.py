@@ -16,10 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..settings import SettingError, SolveSettings
+from ..settings import DEQSettings, SettingError, SolveSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-METHODS = ("reversible", "unrolled", "implicit", "phantom", "explicit")
+METHODS = ("reversible", "unrolled", "implicit", "phantom", "broyden", "explicit")
 BLOCKS = ("residual", "postln", "normed", "anchored", "direct")
 CACHE_KINDS = ("auto", "equilibrium", "per-evaluation")  # the DEQ's key/value cache in generation
 DATASETS = ("shakespeare", "files", "wikitext-2", "wikitext-103")
@@ -33,6 +33,14 @@ MODEL_KEYS = ("vocab_size", "seq_len", "d_model", "n_heads", "mlp_ratio", "block
 # Keys added after checkpoints existed, with the value those checkpoints were trained with.
 LEGACY_VALUES = {"block": "residual", "res_reg": 0.0}
 DATA_KEYS = ("dataset", "data_files", "tokenizer", "val_fraction", "test_fraction", "split_seed")
+
+
+def broyden_settings(cfg: "LMConfig") -> dict:
+    """rk.DEQ's solver settings for method=broyden: Broyden forward and, for the implicit
+    adjoint, backward, with 2 * max_steps steps each (the block evaluations of the
+    reversible iteration at max_steps)."""
+    return dict(solver="broyden", adjoint="implicit", backward_solver="broyden", beta=cfg.beta,
+                max_steps=2 * cfg.max_steps, backward_max_steps=2 * cfg.max_steps, tol=cfg.tol)
 
 
 class ConfigError(ValueError):
@@ -49,10 +57,11 @@ class LMConfig:
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio * d_model
     dropout: float = 0.0            # embedding and residual-branch dropout (replayed by the reverse pass)
     block: str = "normed"           # f: normed (LN(z + g), the default) | residual (z + g) | postln | anchored | direct
-    method: str = "reversible"      # reversible | unrolled | implicit | phantom (DEQ adjoints) | explicit (n_layers blocks)
+    method: str = "reversible"      # reversible | unrolled | implicit | phantom (DEQ adjoints) | broyden (Broyden
+                                    # both ways, the classic DEQ) | explicit (n_layers blocks)
     n_layers: int = 4               # explicit only: number of separately weighted blocks
-    beta: float = 0.8               # DEQ relaxation in (0, 2), != 1
-    max_steps: int = 4              # DEQ steps (2 evaluations of the block each)
+    beta: float = 0.8               # DEQ relaxation in (0, 2), != 1 (broyden: its first step's damping, in (0, 1])
+    max_steps: int = 4              # DEQ steps (2 evaluations of the block each; broyden: 2 * max_steps steps)
     tol: float = 1e-3               # DEQ stop tolerance on the relative residual (0: always max_steps)
     state_dtype: str | None = None  # DEQ states: float32 | float64 | bfloat16 | null (= the activations')
     reversal: str | None = None     # how the backward rebuilds the states: exact | float | null (= exact)
@@ -123,9 +132,12 @@ class LMConfig:
         need(self.checkpoint_every == 0 or self.method == "reversible", "checkpoint_every",
              f"applies to method=reversible only (method is {self.method})")
         try:  # the solver's own validation, so that the config accepts exactly what the solver does
-            SolveSettings(beta=self.beta, max_steps=self.max_steps, tol=self.tol,
-                          reversal=self.reversal if self.method == "reversible" else None,
-                          checkpoint_every=self.checkpoint_every or None)
+            if self.method == "broyden":
+                DEQSettings(**broyden_settings(self))
+            else:
+                SolveSettings(beta=self.beta, max_steps=self.max_steps, tol=self.tol,
+                              reversal=self.reversal if self.method == "reversible" else None,
+                              checkpoint_every=self.checkpoint_every or None)
         except SettingError as error:
             need(False, error.name, error.reason)
         need(self.reversal is None or self.method == "reversible", "reversal",

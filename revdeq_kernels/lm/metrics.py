@@ -52,32 +52,32 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _pyplot():
-    import matplotlib
+def _new_figure():
+    """A figure with one axes, drawn by the Agg canvas it is given: pyplot is never
+    touched, so neither its backend nor the figures of a caller's notebook change."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
 
 
 def _save_figure(fig, png: Path | str) -> Path:
-    """Write ``fig`` to ``png`` atomically (a reader never sees half a file) and close it."""
+    """Write ``fig`` to ``png`` atomically (a reader never sees half a file)."""
     fig.tight_layout()
     png = Path(png)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
-    _pyplot().close(fig)
     return png
 
 
 def plot_losses(jsonl: Path | str, png: Path | str, title: str = "") -> Path:
-    """Training loss per step and validation loss per evaluation, to a PNG (Agg backend)."""
-    plt = _pyplot()
+    """Training loss per step and validation loss per evaluation, to a PNG (Agg canvas)."""
     records = read_jsonl(jsonl)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "val"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = _new_figure()
     if train:
         ax.plot(*zip(*train), lw=0.8, alpha=0.8, label="train loss")
     if val:
@@ -92,9 +92,8 @@ def plot_losses(jsonl: Path | str, png: Path | str, title: str = "") -> Path:
 
 def plot_depths(rows: list[dict], png: Path | str, title: str = "") -> Path:
     """Perplexity (and the solver's residual) against the number of solver steps."""
-    plt = _pyplot()
     steps = [r["steps"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = _new_figure()
     ax.plot(steps, [r["ppl"] for r in rows], "o-", lw=1.5, color="C0", label="perplexity")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("solver steps at inference (tol = 0)")

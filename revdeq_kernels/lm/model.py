@@ -4,6 +4,9 @@ stack of blocks) -> final LayerNorm -> LM head.
 ``method="reversible"`` / ``"unrolled"`` / ``"implicit"`` / ``"phantom"``: ``z* = DEQ(f)(x)``,
 solved by the reversible iteration, with the exact reversible adjoint (memory flat in
 steps), autograd through every step, or the classic implicit and phantom gradients.
+``method="broyden"``: the classic DEQ-Transformer recipe of locuslab/deq, Broyden's method
+forward and for the implicit adjoint's solve, 2 * max_steps steps each (the same block
+evaluations as the reversible iteration at max_steps).
 ``method="explicit"``: ``z = 0; z = Block_l(z, x)`` for l = 1..n_layers, separate weights:
 the same block, with the same input injection and starting state, without tying or
 relaxation, for comparison.
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 import revdeq_kernels as rk
 
 from .block import BLOCKS, CachedSolveBlock, KVCache, init_weights_
-from .config import CACHE_KINDS, LMConfig
+from .config import CACHE_KINDS, LMConfig, broyden_settings
 from .penalties import jacobian_penalty, residual_penalty
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -44,18 +47,7 @@ class TransformerLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         make_block = lambda: BLOCKS[cfg.block](cfg.d_model, cfg.n_heads, cfg.mlp_hidden, cfg.dropout)  # noqa: E731
         if self.is_deq:
-            # One solver for every DEQ method: the reversible iteration, so that the methods
-            # differ in their gradient only.
-            self.deq = rk.DEQ(
-                make_block(), solver="reversible", adjoint=cfg.method, beta=cfg.beta, max_steps=cfg.max_steps,
-                tol=cfg.tol, state_dtype=state_dtype_of(cfg), backend=cfg.backend,
-                reversal=cfg.reversal if cfg.method == "reversible" else None,
-                checkpoint_every=cfg.checkpoint_every or None,
-                # a non-finite state gives a non-finite loss, which the training loop
-                # turns into a clean stop on every rank (an exception on one rank would
-                # leave the others waiting in an all-reduce)
-                on_nonfinite="warn",
-            )
+            self.deq = self._make_deq(make_block())
         else:
             self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -66,6 +58,20 @@ class TransformerLM(nn.Module):
         self._init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+
+    def _make_deq(self, block: nn.Module) -> rk.DEQ:
+        cfg = self.cfg
+        # a non-finite state gives a non-finite loss, which the training loop turns into a
+        # clean stop on every rank (an exception on one rank would leave the others waiting
+        # in an all-reduce)
+        common = dict(state_dtype=state_dtype_of(cfg), backend=cfg.backend, on_nonfinite="warn")
+        if cfg.method == "broyden":
+            return rk.DEQ(block, **broyden_settings(cfg), **common)
+        # One solver for the other DEQ methods: the reversible iteration, so that they differ
+        # in their gradient only.
+        return rk.DEQ(block, solver="reversible", adjoint=cfg.method, beta=cfg.beta, max_steps=cfg.max_steps,
+                      tol=cfg.tol, reversal=cfg.reversal if cfg.method == "reversible" else None,
+                      checkpoint_every=cfg.checkpoint_every or None, **common)
 
     @property
     def is_deq(self) -> bool:
@@ -160,6 +166,10 @@ class TransformerLM(nn.Module):
                     for _ in self.blocks]
         if kind not in CACHE_KINDS[1:]:
             raise ValueError(f"cache kind {kind!r}: must be one of {', '.join(CACHE_KINDS[1:])}")
+        if kind == "per-evaluation" and self.cfg.method == "broyden":
+            raise ValueError("cache kind 'per-evaluation' does not apply to method=broyden: each Broyden step "
+                             "mixes all positions of a sequence (its inverse Jacobian spans the whole state), "
+                             "so a new position's iterates are not the full solve's; use the equilibrium cache")
         levels = 1 if kind == "equilibrium" else 1 + 2 * self.deq.settings.max_steps
         return [KVCache(levels, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device, kind=kind)]
 
@@ -185,7 +195,7 @@ class TransformerLM(nn.Module):
         f = CachedSolveBlock(self.deq.f, None)
         z = self._solve(f, x)
         if cache == "auto":
-            cache = "equilibrium" if self.converged() else "per-evaluation"
+            cache = "equilibrium" if self.converged() or self.cfg.method == "broyden" else "per-evaluation"
         caches = self.new_caches(idx.shape[0], x.dtype, x.device, cache)
         caches[0].append(f.recorded)
         return self.head(self.ln_f(z[:, -1])), caches
@@ -204,9 +214,22 @@ class TransformerLM(nn.Module):
         return self.head(self.ln_f(self._extend(x, caches)[:, -1]))
 
     def _solve(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
+        if self.cfg.method == "broyden":
+            return self._solve_broyden(f, x)
         solution = rk.solve(f, x, settings=self.inference_settings(), on_nonfinite="raise")
         self.last_stats = solution.stats
         return solution.z.to(x.dtype)
+
+    def _solve_broyden(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
+        deq = rk.DEQ(f, **broyden_settings(self.cfg))
+        deq.settings = dataclasses.replace(self.deq.settings, on_nonfinite="raise")  # with solver_settings' changes
+        z = deq(x).to(x.dtype)
+        self.last_stats = deq.last_stats
+        # The equilibrium cache keeps the keys/values of the returned state, and Broyden's
+        # last evaluation can be at a step it rejected: evaluate the returned state once more.
+        f.recorded.clear()
+        f(z, x)
+        return z
 
     def _extend(self, x: Tensor, caches: list[KVCache]) -> Tensor:
         """Final states of the new positions ``x`` [B, T, D] after the cached ones; their
