@@ -10,7 +10,8 @@ Which keys/values (``cache=``): ``per-evaluation`` keeps every evaluation's, so 
 solve is the full solve's computation for the new position, up to rounding, converged or
 not; ``equilibrium`` keeps only the final states', one level, exact to the solver's
 ``tol`` at a converged fixed point; ``auto`` (default) takes the equilibrium cache when the
-prompt's solve met ``tol``. :func:`cache_parity` measures the gap to full recomputation.
+prompt's solve met ``tol`` (always, for method=broyden, whose steps couple the positions).
+:func:`cache_parity` measures the gap to full recomputation.
 For the explicit model the cache is exact.
 
 Contexts longer than ``seq_len``: full recomputation slides the window one token at a

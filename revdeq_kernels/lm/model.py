@@ -185,7 +185,8 @@ class TransformerLM(nn.Module):
         ``cache`` (DEQ): ``auto`` keeps the equilibrium cache when the prompt's solve met
         ``tol`` (the iterates are then the equilibrium, to ``tol``) and the per-evaluation
         cache otherwise; ``equilibrium`` or ``per-evaluation`` force one. ``caches[0].kind``
-        says which."""
+        says which. method=broyden keeps the equilibrium cache: its steps couple the
+        positions, so there is no per-position iterate to cache."""
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache={cache!r}: must be one of {', '.join(CACHE_KINDS)}")
         x = self.embed(idx)
