@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import revdeq_kernels as rk
-from e2e_methods import Setup, broyden_solve, build, inputs, loss_fn, seeded_block
+from e2e_methods import Setup, broyden_forward, build, inputs, loss_fn, seeded_block
 from revdeq_kernels.lm import Block
 
 
@@ -72,7 +72,7 @@ def reference(method: str, steps: int, setup: Setup) -> nn.Module | str | None:
                       beta=setup.damping, **(dict(m=setup.m, lam=setup.lam)
                                               if setup.baseline_solver == "anderson" else {}))
     if method == "broyden":
-        return rk.DEQ(block, **broyden_solve(steps, setup), adjoint="unrolled")
+        return rk.DEQ(block, **broyden_forward(steps, setup), adjoint="unrolled")
     if setup.baseline_solver != "fixed_point":
         return "n/a: torchdeq's Anderson writes its buffers in place; autograd cannot replay it"
     if method == "torchdeq_ift":

@@ -129,7 +129,7 @@ def seeded_block(steps: int, setup: Setup) -> Block:
     return make_block(setup, evaluations(steps))
 
 
-def broyden_solve(steps: int, setup: Setup) -> dict:
+def broyden_forward(steps: int, setup: Setup) -> dict:
     """The forward solve of method "broyden" (its first step damped like the baselines')."""
     return dict(solver="broyden", max_steps=2 * steps, tol=0, beta=setup.damping, m=setup.broyden_m)
 
@@ -161,7 +161,7 @@ def build(method: str, steps: int, setup: Setup) -> nn.Module:
         return rk.DEQ(block, adjoint="phantom", phantom_steps=setup.phantom_steps,
                       phantom_beta=setup.phantom_beta, **baseline)
     if method == "broyden":
-        return rk.DEQ(block, **broyden_solve(steps, setup), adjoint="implicit", backward_solver="broyden",
+        return rk.DEQ(block, **broyden_forward(steps, setup), adjoint="implicit", backward_solver="broyden",
                       backward_max_steps=2 * steps, backward_tol=0)
     if method in ("torchdeq_ift", "torchdeq_phantom"):
         return TorchDEQ(block, setup, 2 * steps, ift=method == "torchdeq_ift")

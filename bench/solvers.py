@@ -7,7 +7,8 @@ f(z, x) = tanh(W z + x) with a symmetric W whose eigenvalues are spread evenly o
 slowly, along the eigenvectors near +-0.95; float64, batch 4, x ~ 0.3 N(0, 1). Each cell
 is the median over the seeds of the f evaluations (``nfe_forward``) the solver needed
 until every sample met the relative tolerance, and its wall time. Solvers at their
-defaults: fixed_point (beta 1), anderson (m=5, lam=1e-4), broyden (m=30).
+defaults: fixed_point (beta 1), anderson (m=5, lam=1e-4), broyden (m=30). tests/test_broyden.py
+imports this file and asserts its evaluation counts at width 16, tol 1e-10.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ updates, a rejected step, converged samples), and its gradients under every adjo
 
 from __future__ import annotations
 
+import importlib.util
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -14,33 +18,19 @@ from tests.helpers import TanhBlock, relative_error
 F64 = torch.float64
 
 
-class SpreadSpectrumBlock(nn.Module):
-    """tanh(W z + x) with symmetric W whose eigenvalues are spread over [-0.95, 0.95]: a
-    contraction (tanh is 1-Lipschitz) that the plain iteration approaches slowly, along
-    the eigenvectors near +-0.95."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(width, width, dtype=F64))
-        self.weight = nn.Parameter(q @ torch.diag(torch.linspace(-0.95, 0.95, width, dtype=F64)) @ q.T)
-
-    def forward(self, z, x):
-        return torch.tanh(z @ self.weight.T + x)
-
-
-def evaluations(solver: str, f, x, tol: float, **settings) -> rk.SolverStats:
-    deq = rk.DEQ(f, solver=solver, adjoint="implicit", max_steps=1000, tol=tol, backend="torch", **settings)
-    with torch.no_grad():
-        deq(x)
-    assert deq.last_stats.max_residual <= tol, f"{solver} did not reach tol {tol}"
-    return deq.last_stats
+def _bench_solvers():
+    """bench/solvers.py, whose block and measurement this test shares (one reference)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "solvers.py"
+    spec = importlib.util.spec_from_file_location("bench_solvers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_broyden_needs_fewer_evaluations_than_fixed_point_and_anderson(seed):
-    torch.manual_seed(seed)
-    f, x = SpreadSpectrumBlock(16), 0.3 * torch.randn(4, 16, dtype=F64)
-    nfe = {solver: evaluations(solver, f, x, 1e-10).nfe_forward for solver in ("fixed_point", "anderson", "broyden")}
+    measure = _bench_solvers().measure
+    nfe = {solver: measure(solver, 16, 1e-10, seed)[0] for solver in ("fixed_point", "anderson", "broyden")}
     # Measured: seed 0 225 / 51 / 33, seed 1 105 / 40 / 24 (Broyden's convergence is superlinear).
     assert nfe["broyden"] < nfe["anderson"] < nfe["fixed_point"], f"evaluations to tol 1e-10: {nfe}"
     assert nfe["broyden"] <= 0.8 * nfe["anderson"], f"Broyden saves under 20% against Anderson: {nfe}"
@@ -70,7 +60,7 @@ def test_singular_updates_reset_to_the_relaxed_step_without_nan():
         deq = rk.DEQ(f, solver="broyden", adjoint="implicit", max_steps=steps, tol=0, backend="torch")
         with torch.no_grad():
             z = deq(x)
-        assert torch.isfinite(z).all() and all(map(torch.isfinite, map(torch.tensor, deq.last_stats.residual_history))), (
+        assert torch.isfinite(z).all() and all(map(math.isfinite, deq.last_stats.residual_history)), (
             f"f(z) = {name}: non-finite state or residual {deq.last_stats.residual_history}")
     assert torch.equal(z, x), "f(z) = x: the relaxed step lands on x and stays"
     deq = rk.DEQ(lambda z, x: z + 1.0, solver="broyden", adjoint="implicit", max_steps=20, tol=0, beta=0.5)
