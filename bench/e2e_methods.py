@@ -45,7 +45,8 @@ class Setup:
     heads: int = 4
     mlp_ratio: float = 4.0
     block: str = "residual"        # a key of revdeq_kernels.lm.block.BLOCKS
-    dtype: str = "float32"
+    dtype: str = "float32"         # parameters, inputs and DEQ states
+    autocast: str = "off"          # "bf16": the forward under bf16 autocast (f in bf16, states in dtype)
     device: str = "cpu"
     beta: float = 0.8              # reversible coupling
     checkpoint_every: int = 4      # reversible_ck
@@ -60,7 +61,7 @@ class Setup:
 
     def small(self, width: int, seq: int, batch: int, heads: int) -> "Setup":
         """The float64 copy the gradient errors are measured on."""
-        fields = asdict(self) | dict(width=width, seq=seq, batch=batch, heads=heads, dtype="float64")
+        fields = asdict(self) | dict(width=width, seq=seq, batch=batch, heads=heads, dtype="float64", autocast="off")
         return Setup(**fields)
 
     @property
@@ -192,9 +193,13 @@ class TrainStep:
         self.model = model
         self.params = list(model.parameters())
         self.x, self.target = inputs(setup)
+        self.autocast = dict(device_type=torch.device(setup.device).type, dtype=torch.bfloat16,
+                             enabled=setup.autocast == "bf16")
 
     def __call__(self) -> None:
         for p in self.params:
             p.grad = None
         self.x.grad = None
-        loss_fn(self.model(self.x), self.target).backward()
+        with torch.autocast(**self.autocast):
+            z = self.model(self.x)
+        loss_fn(z, self.target).backward()

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 
 import torch
@@ -64,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-ratio", type=float, default=d.mlp_ratio)
     g.add_argument("--block", choices=tuple(BLOCKS), default=d.block,
                    help="the LM block used as f (residual: the original; normed: the LM's default)")
-    g.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=d.dtype)
+    g.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=d.dtype,
+                   help="parameters, inputs and DEQ states")
+    g.add_argument("--autocast", choices=("off", "bf16"), default=d.autocast,
+                   help="bf16: the forward under bf16 autocast, states kept in --dtype (the LM on CUDA)")
     g.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     g.add_argument("--steps", type=_ints, default=[2, 4, 8, 16, 32], help="comma-separated N")
     g.add_argument("--methods", type=_methods, default=list(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -87,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--json", help="write the header, rows and target checks here")
     g.add_argument("--plots", default=os.path.join(HERE, "results"), help="folder for the PNGs ('' = none)")
     g.add_argument("--point-timeout", type=float, default=900.0, help="seconds per point")
+    g.add_argument("--memory-jobs", type=int, default=1,
+                   help="memory points measured at once, each in its own process (a peak per process does "
+                        "not depend on the others; the timing runs alone first)")
     g.add_argument("--check-targets", action="store_true", help="exit 1 if a target is not met")
 
 
@@ -125,7 +132,8 @@ def run(args) -> int:
     info["threads"] = args.threads or torch.get_num_threads()
     print_header(info, "e2e: one training step (zero grads, forward, MSE loss, backward) of a transformer-block DEQ")
     print(f"# block: {setup.block}, width {setup.width}, {setup.heads} heads, MLP {int(setup.mlp_ratio * setup.width)}; "
-          f"batch {setup.batch} x seq {setup.seq}, {setup.dtype}; reversible beta {setup.beta}, "
+          f"batch {setup.batch} x seq {setup.seq}, {setup.dtype}"
+          f"{', bf16 autocast' if setup.autocast == 'bf16' else ''}; reversible beta {setup.beta}, "
           f"reversible_ck K={setup.checkpoint_every}; baselines: {setup.baseline_solver} damping {setup.damping}, "
           f"phantom k={setup.phantom_steps} t={setup.phantom_beta}; tol 0; time: median of >= {args.repeats} "
           f"interleaved rounds and >= {args.min_seconds:g} s per N after {args.warmup} warm-up; "
@@ -137,13 +145,17 @@ def run(args) -> int:
         build(method, 1, small)
     rows, failed, started = [], False, time.time()
     base = dict(setup=asdict(setup), warmup=args.warmup, threads=args.threads)
+    times = {}
     for steps in args.steps:
         timing = dict(methods=methods, steps=steps, repeats=args.repeats, min_seconds=args.min_seconds)
-        times = _child("time", base | timing, args.point_timeout * len(methods))
-        for method in methods:
-            memory = _child("memory", base | dict(method=method, steps=steps), args.point_timeout)
-            errors = [e for e in (times.get("error"), memory.pop("error", None)) if e]
-            row = dict(method=method, steps=steps, **times.get(method, {}), **memory)
+        times[steps] = _child("time", base | timing, args.point_timeout * len(methods))
+    points = [(steps, method) for steps in args.steps for method in methods]
+    with ThreadPoolExecutor(max(1, args.memory_jobs)) as pool:
+        memories = pool.map(lambda p: _child("memory", base | dict(method=p[1], steps=p[0]), args.point_timeout),
+                            points)
+        for (steps, method), memory in zip(points, memories):
+            errors = [e for e in (times[steps].get("error"), memory.pop("error", None)) if e]
+            row = dict(method=method, steps=steps, **times[steps].get(method, {}), **memory)
             row.update(count_and_compare(method, steps, small))
             if errors:
                 row["error"] = "; ".join(errors)
@@ -167,7 +179,8 @@ def run(args) -> int:
     print_targets(checks)
     if args.plots:
         title = (f"{info['device']} | torch {info['torch']} | commit {info['commit']}\n"
-                 f"LM block, batch {setup.batch} x seq {setup.seq} x width {setup.width}, {setup.dtype}, "
+                 f"LM block, batch {setup.batch} x seq {setup.seq} x width {setup.width}, {setup.dtype}"
+                 f"{' + bf16 autocast' if setup.autocast == 'bf16' else ''}, "
                  f"state updates: {info['state_update_backend']}")
         for path in plot(rows, args.plots, title):
             print(f"# wrote {path}")

@@ -1,7 +1,8 @@
 """Throughput of the fused state updates: `python bench/throughput.py --suite ops`.
 
-For each op x size x dtype mix x backend: median time, effective GB/s (the bytes the op
-must move, counted in `OPS`), the fraction of the roofline measured in the same run, and
+For each op x size x dtype mix x backend: median time (CUDA events on a GPU, the wall
+clock on a CPU), effective GB/s (the bytes the op must move, counted in `OPS`), the
+fraction of the roofline and of a plain device copy measured in the same run, and
 the speed-up over the eager PyTorch composite a user would write (`eager`), plus that
 composite under torch.compile (`compile`).
 
@@ -11,8 +12,9 @@ counting (the memory system does not care about dtype, and torch's bf16 `dot` ru
 below bandwidth, so a bf16-only yardstick would be too easy to beat):
 `a.add_(b)` for read-two-write-one in place, `a.addcmul_(b, c)` for read-three-write-one,
 `torch.add(a, b, out=c)` for read-two-write-one-fresh, `torch.dot` for read-two. A plain
-copy is the wrong yardstick on CPUs: its write-allocate traffic makes it look slower
-than an in-place update. Mixed-dtype `add_` is not used either: TensorIterator's dynamic
+copy is the wrong main yardstick on CPUs: its write-allocate traffic makes it look slower
+than an in-place update; it is reported beside (`of copy`), since on a GPU the
+device-to-device copy is the streaming rate people quote. Mixed-dtype `add_` is not used either: TensorIterator's dynamic
 casts make it ~25x slower than either same-dtype `add_` here, an easy target.
 
 In-place buffers are restored from a saved copy before every timed call (untimed), so
@@ -26,7 +28,6 @@ against: upcast, compute, round once), `eager` the fastest composite of the same
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from bench_env import header, print_header, synchronize
+from bench_env import header, print_header
+from e2e_report import write_json
 from revdeq_kernels import ops
 from revdeq_kernels.ops.reference import accumulation_dtype
 
@@ -191,18 +193,36 @@ OPS: dict[str, OpSpec] = {
 
 
 def median_seconds(fn: Callable[[], object], reset: Callable[[], None], device, repeats: int, warmup: int = 2) -> float:
+    """Median over ``repeats`` calls, each after an untimed ``reset``. CUDA: events around the
+    call on the current stream (no host launch latency in the number); CPU: the wall clock."""
+    cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         reset()
         fn()
     times = []
     for _ in range(repeats):
         reset()
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def copy_gbps(n: int, device, repeats: int) -> float:
+    """A device-to-device copy of n float32 elements (reads and writes counted): the second
+    yardstick, the memory system's plain streaming rate in the same run."""
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    seconds = median_seconds(lambda: b.copy_(a), lambda: None, device, repeats)
+    return 2 * n * a.element_size() / seconds / 1e9
 
 
 def roofline_gbps(kind: str, n: int, dtypes: set[torch.dtype], device, repeats: int) -> float:
@@ -287,11 +307,13 @@ def run(args) -> int:
                        "restored before each call")
     for kind in sorted({OPS[n].roofline for n in names}):
         print(f"#   roofline {kind}: {ROOFLINES[kind]}")
-    print("| op | state<-f | elements | backend | ms | GB/s | roofline GB/s | of roofline | vs eager |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print("#   copy: b.copy_(a), float32, reads a, writes b")
+    print("| op | state<-f | elements | backend | ms | GB/s | roofline GB/s | of roofline | of copy | vs eager |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     rows, compiled = [], {}
     for n in sizes:
         exact_done = set()
+        copy = copy_gbps(n, device, args.repeats)
         for mix_name, state, f in mixes:
             rooflines = {}
             for op_name in names:
@@ -324,13 +346,13 @@ def run(args) -> int:
                         seconds = median_seconds(spec.fused(case, backend), case.reset, device, args.repeats)
                     gbps = moved / seconds / 1e9
                     row = dict(op=op_name, mix=shown_mix, elements=n, backend=backend, ms=seconds * 1e3,
-                               gbps=gbps, roofline_gbps=roof, of_roofline=gbps / roof, vs_eager=eager_s / seconds,
-                               roofline=spec.roofline)
+                               gbps=gbps, roofline_gbps=roof, of_roofline=gbps / roof, copy_gbps=copy,
+                               of_copy=gbps / copy, vs_eager=eager_s / seconds, roofline=spec.roofline)
                     rows.append(row)
                     print(f"| {op_name} | {shown_mix} | {n:,} | {backend} | {row['ms']:.3f} | {gbps:.1f} | "
-                          f"{roof:.1f} | {row['of_roofline']:.2f} | {row['vs_eager']:.2f}x |", flush=True)
+                          f"{roof:.1f} | {row['of_roofline']:.2f} | {row['of_copy']:.2f} | {row['vs_eager']:.2f}x |",
+                          flush=True)
                 del case
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"header": info, "beta": BETA, "rows_per_batch": args.rows, "results": rows}, fh, indent=1)
+        if args.json:  # after every size, so that a run cut short keeps what it measured
+            write_json(args.json, {"header": info, "beta": BETA, "rows_per_batch": args.rows, "results": rows})
     return 0

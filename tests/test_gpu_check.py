@@ -1,0 +1,165 @@
+"""bench/gpu_check.sh, the one-call GPU check: its --smoke mode end to end on the CPU (so the
+script cannot rot before a GPU is lent), and the pieces that decide pass or fail."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def _bench(name: str):
+    """A bench/ script as a module (bench/ on sys.path, as when it runs as a script)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.slow
+def test_smoke_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "## gpu_check summary" in done.stdout, done.stdout[-2000:]  # printed last, after the targets
+    assert "## targets" in done.stdout.split("## gpu_check summary")[0]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    stages = {s["name"]: s for s in summary["stages"]}
+    expected = ["build", "backends", "tests", "odd views cpp", "odd views triton", "ops", "e2e N=2", "train"]
+    assert list(stages) == expected, list(stages)
+    assert summary["ok"] and summary["mode"] == "smoke", summary
+    not_passed = {n: (s["status"], s["result"]) for n, s in stages.items() if s["status"] != "passed"}
+    allowed = {"build": ("skipped", "--smoke uses the installed build")}
+    if not _triton():
+        allowed["odd views triton"] = ("skipped", "triton is not installed")
+    assert not_passed == allowed, not_passed
+    # at most 8 files come back from a device call
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["e2e.json", "e2e_memory.png", "e2e_time.png", "gpu_check.json", "gpu_check.log",
+                     "ops.json", "tests.xml"], files
+    assert "calls, 0 mismatches" in stages["odd views cpp"]["result"], stages["odd views cpp"]
+    ops_rows = json.loads((out / "ops.json").read_text())["results"]
+    ops_names = set(_bench("ops_suite").OPS)
+    assert {r["op"] for r in ops_rows} == ops_names, {r["op"] for r in ops_rows} ^ ops_names
+    assert all(r["copy_gbps"] > 0 and r["of_copy"] > 0 for r in ops_rows), ops_rows[0]
+    e2e_rows = json.loads((out / "e2e.json").read_text())["rows"]
+    methods = {r["method"] for r in e2e_rows if "error" not in r}
+    assert methods == set(_bench("gpu_check").E2E_METHODS.split(",")), methods
+    assert all(r["time_ms"] > 0 and r["step_mb"] is not None for r in e2e_rows), e2e_rows[0]
+    assert "tokens/s" in stages["train"]["result"], stages["train"]
+
+
+def _check(tmp_path, **overrides):
+    gpu_check = _bench("gpu_check")
+    args = dict(smoke=True, quick=False, out=str(tmp_path), budget_s=60.0, archs="9.0", test_jobs=1, train_s=5.0,
+                stages="")
+    return gpu_check, gpu_check.Check(Namespace(**(args | overrides)))
+
+
+def test_a_failing_stage_fails_the_check_and_names_its_exit_status(tmp_path):
+    gpu_check, check = _check(tmp_path)
+    stage, text = check.run("fails", [sys.executable, "-c", "print('hello'); raise SystemExit(3)"], 30)
+    assert (stage.status, stage.result) == ("failed", "exit 3") and "hello" in text, (stage, text)
+    assert check.finish() == 1
+    assert not json.loads((tmp_path / "gpu_check.json").read_text())["ok"]
+    assert "hello" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_a_stage_past_its_limit_is_killed_with_its_children(tmp_path):
+    _, check = _check(tmp_path)
+    check.min_stage_s = 0
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+            "print('started', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    stage, text = check.run("sleeps", [sys.executable, "-c", child], 3)
+    assert stage.status == "timeout" and "started" in text, (stage, text)
+    assert time.monotonic() - start < 20, f"the stage took {time.monotonic() - start:.0f} s to stop"
+
+
+def test_a_stage_without_budget_left_is_skipped(tmp_path):
+    _, check = _check(tmp_path, budget_s=5.0)
+    stage, _ = check.run("late", [sys.executable, "-c", "pass"], 100)
+    assert stage.status == "skipped" and "budget" in stage.result, stage
+    assert check.finish() == 0  # skipped for a stated reason is not a failure
+
+
+def test_a_parity_file_without_a_test_that_ran_is_reported(tmp_path):
+    gpu_check = _bench("gpu_check")
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite>'
+                     '<testcase classname="tests.test_ops" name="a"/>'
+                     '<testcase classname="tests.test_triton" name="b"><skipped/></testcase>'
+                     '</testsuite></testsuites>')
+    files = ["tests/test_ops.py", "tests/test_triton.py", "tests/test_reversible.py"]
+    assert gpu_check.files_without_tests(junit, files) == ["tests/test_triton.py", "tests/test_reversible.py"]
+    assert gpu_check.files_without_tests(tmp_path / "missing.xml", files) == files
+
+
+def _e2e_row(method, steps, time_ms, step_mb):
+    return dict(method=method, steps=steps, time_ms=time_ms, step_mb=step_mb)
+
+
+def test_e2e_targets_compare_reversible_with_unrolled():
+    gpu_check = _bench("gpu_check")
+    rows = [_e2e_row("unrolled", 2, 10.0, 100.0), _e2e_row("unrolled", 16, 60.0, 800.0),
+            _e2e_row("reversible", 2, 12.0, 50.0), _e2e_row("reversible", 16, 90.0, 52.0),
+            _e2e_row("reversible_exact", 2, 13.0, 50.0), _e2e_row("reversible_exact", 16, 70.0, 70.0),
+            dict(method="reversible_exact", steps=8, error="timed out")]
+    checks = {c["target"]: c for c in gpu_check.e2e_targets(rows)}
+    time_rev = checks["reversible step time <= 1.35x unrolled at every N"]
+    assert time_rev["value"] == pytest.approx(1.5) and not time_rev["met"], time_rev
+    memory_rev = checks["reversible step memory at N=16 <= 1.1x at N=2"]
+    assert memory_rev["value"] == pytest.approx(1.04) and memory_rev["met"], memory_rev
+    assert "unrolled 100 -> 800 MB" in memory_rev["detail"], memory_rev
+    time_exact = checks["reversible_exact step time <= 1.35x unrolled at every N"]
+    assert time_exact["value"] == pytest.approx(1.3) and time_exact["met"], time_exact
+    assert not checks["reversible_exact step memory at N=16 <= 1.1x at N=2"]["met"]
+
+
+def test_odd_views_are_misaligned_or_strided_and_hold_the_values():
+    odd = _bench("odd_views")
+    values = torch.randn(3, 7, dtype=torch.float32)
+    layouts = odd.views(values)
+    assert layouts["offset"].is_contiguous() and layouts["offset"].data_ptr() % 8 != 0
+    assert not layouts["transposed"].is_contiguous() and not layouts["strided"].is_contiguous()
+    for name, view in layouts.items():
+        assert torch.equal(view, values), name
+
+
+def test_odd_views_mismatch_catches_one_bad_element_and_a_nan():
+    odd = _bench("odd_views")
+    expected = torch.randn(4, 5, dtype=torch.float32)
+    tol = odd.elementwise(torch.float32)
+    assert odd.mismatch("state", expected.clone(), expected, tol) is None
+    bad = expected.clone()
+    bad[2, 3] += 1e-3
+    assert "element 13" in odd.mismatch("state", bad, expected, tol)
+    bad = expected.clone()
+    bad[0, 1] = float("nan")
+    assert "element 1 " in odd.mismatch("state", bad, expected, tol)
+    ints = torch.arange(6)
+    assert odd.mismatch("digits", ints + (ints == 5), ints, odd.BITS) is not None
+    assert odd.mismatch("digits", ints.clone(), ints, odd.BITS) is None
