@@ -1,5 +1,7 @@
 // The host side of the eight revdeq_native ops, written once for every device: argument
-// checks, the aliasing rules, version-counter bumps and registration. A device supplies only
+// checks, the aliasing rules (the same as revdeq_kernels/ops/checks.py's SAME_TENSOR_OK, for
+// direct torch.ops calls: the public entry points check them first), version-counter bumps
+// and registration. A device supplies only
 // a policy (module_cpu.cpp, module_cuda.cpp):
 //
 //   struct Device {
@@ -29,6 +31,12 @@
 
 namespace revdeq {
 
+// No shared memory at all (not even the same tensor). Empty tensors touch no memory, so
+// nothing overlaps them: the rule of ops/checks.py, which every entry point applies first.
+inline void assert_disjoint(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() != 0 && b.numel() != 0) at::assert_no_overlap(a, b);
+}
+
 template <class Device>
 struct HostOps {
   using Context = typename Device::Context;
@@ -39,7 +47,7 @@ struct HostOps {
     const Context context(state);
     const at::Tensor f = checked_input(f_out, "f_out", false, state, "state");
     check_beta(beta, inverse);
-    at::assert_no_partial_overlap(state, f);
+    at::assert_no_partial_overlap(state, f_out);
     context.relax(state, f, beta, inverse);
     mark_written(state);
   }
@@ -76,8 +84,8 @@ struct HostOps {
                 " but y has ", y.scalar_type(), "; they must match");
     const at::Tensor f = checked_input(f_out, "f_out", false, y, "y");
     check_beta(beta, false);
-    at::assert_no_partial_overlap(y, zc);
-    at::assert_no_partial_overlap(y, f);
+    assert_disjoint(y, z);  // not even the same tensor: the sums would depend on the order
+    assert_disjoint(y, f_out);
     auto sums = new_sums(zc);
     context.residual(y, zc, f, beta, std::get<0>(sums), std::get<1>(sums));
     mark_written(y);
@@ -95,9 +103,9 @@ struct HostOps {
     const Context context(grad);
     const at::Tensor v = checked_input(vjp, "vjp", false, grad, "grad");
     check_beta(beta, false);
-    at::assert_no_overlap(grad, cotangent);
-    at::assert_no_partial_overlap(grad, v);
-    at::assert_no_partial_overlap(cotangent, v);
+    assert_disjoint(grad, cotangent);
+    at::assert_no_partial_overlap(grad, vjp);
+    at::assert_no_partial_overlap(cotangent, vjp);
     context.adjoint(grad, v, cotangent, beta, scale_after);
     mark_written(grad);
     mark_written(cotangent);
@@ -117,9 +125,9 @@ struct ExactHostOps {
         check_exact(state, "state", digits, flags, step, numerator, denominator, frac_bits, kDevice);
     const Context context(state);
     const at::Tensor f = checked_input(f_out, "f_out", false, state, "state");
-    at::assert_no_overlap(state, digits);
-    at::assert_no_partial_overlap(state, f);
-    at::assert_no_overlap(digits, f);
+    assert_disjoint(state, digits);
+    assert_disjoint(state, f_out);
+    assert_disjoint(digits, f_out);
     context.exact(state, digits, f, flags, params, inverse);
     mark_written(state);
     mark_written(digits);
@@ -147,11 +155,11 @@ struct ExactHostOps {
                 "z must be an int64 tensor of y's shape ", y.sizes(), " on ", y.device());
     const at::Tensor zc = z.contiguous();
     const at::Tensor f = checked_input(f_out, "f_out", false, y, "y");
-    at::assert_no_overlap(y, digits);
-    at::assert_no_partial_overlap(y, zc);
-    at::assert_no_partial_overlap(y, f);
-    at::assert_no_overlap(digits, zc);
-    at::assert_no_overlap(digits, f);
+    assert_disjoint(y, digits);
+    assert_disjoint(y, z);
+    assert_disjoint(y, f_out);
+    assert_disjoint(digits, z);
+    assert_disjoint(digits, f_out);
     const auto options = y.options().dtype(at::kDouble);
     at::Tensor sq_res = at::empty({y.size(0)}, options), sq_f = at::empty({y.size(0)}, options);
     context.exact_residual(y, digits, zc, f, flags, params, sq_res, sq_f);

@@ -34,7 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .problem import make_problem, trainable_parameters
+from .problem import eager_under_compile, make_problem, trainable_parameters
 from .reversal import forward_solve
 from .reversible import solve
 from .settings import DEQSettings
@@ -97,6 +97,7 @@ class DEQ(nn.Module):
     def _iterate(self, name: str):
         return iterative_solver(name, self.settings.memory(name), self.settings.lam)
 
+    @eager_under_compile
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         s = self.settings
         self.last_adjoint_stats = None

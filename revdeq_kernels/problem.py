@@ -17,6 +17,24 @@ from .ops import STATE_DTYPES, resolve_backend
 from .rng import EvaluationRNG
 from .stats import SolverStats
 
+# Under torch.compile a solve is one graph break, run eagerly. Traced, it would compile
+# f's forward evaluations while the backward recomputes f eagerly, in other kernels:
+# reversal="exact" needs the same bits in both passes, and refuses the mismatch. The
+# solve also reads host values on purpose: the RNG seed it replays, the stop test, the
+# exact reversal's overflow flags and SolverStats' numbers.
+EAGER_UNDER_COMPILE = ("revdeq_kernels runs each solve eagerly: its backward recomputes f eagerly, and "
+                       "reversal='exact' needs f to compute the same bits in the forward pass and in that "
+                       "recomputation; compile the layers around it (an f compiled on its own is checked the same way)")
+
+
+def eager_under_compile(fn):
+    """``fn`` as one graph break under torch.compile (torch.compiler.disable), with the reason."""
+    try:
+        return torch.compiler.disable(fn, reason=EAGER_UNDER_COMPILE)
+    except TypeError:  # torch before 2.8 takes no reason
+        return torch.compiler.disable(fn)
+
+
 def trainable_parameters(f) -> list[Tensor]:
     if isinstance(f, nn.Module):
         return [p for p in f.parameters() if p.requires_grad]
@@ -68,7 +86,16 @@ class Problem:
         """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
         z_in = state if state.dtype == self.f_dtype else state.to(self.f_dtype)
         with self.rng.evaluation(index):
-            out = self.f(z_in, x)
+            try:
+                out = self.f(z_in, x)
+            except Exception as error:
+                if index == 0 and state.shape != x.shape:  # a z0 of another shape than x's
+                    first = (str(error).strip().splitlines() or [""])[0]
+                    raise ValueError(
+                        f"z0 has shape {tuple(state.shape)} but x has shape {tuple(x.shape)}, and f failed on it "
+                        f"({type(error).__name__}: {first}); z0 must have the shape f(z, x) returns"
+                    ) from error
+                raise
         self._check_output(out, state)
         return out
 

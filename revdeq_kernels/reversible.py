@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .ops.reference import accumulation_dtype
-from .problem import BufferSnapshot, Problem, make_problem, trainable_parameters
+from .problem import BufferSnapshot, Problem, eager_under_compile, make_problem, trainable_parameters
 from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
 from .settings import SolveSettings
 from .stats import Solution, SolverStats
@@ -170,6 +170,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return (None, None, grad_x, grad_z0, None, *grad_params)
 
 
+@eager_under_compile
 def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | None = None,
           parameters=None, **options) -> Solution:
     """Solve the RevDEQ fixed point of ``f(z, x)`` and return ``Solution(z, stats)``.

@@ -14,6 +14,7 @@ since what is valid depends on the device and on ``$REVDEQ_BACKEND`` at call tim
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,8 @@ def _reversal(settings, solver_uses: str | None) -> None:
     settings._set(_reversal=reversal)
     if reversal == "float":
         _reject_unused(dict(frac_bits=settings.frac_bits), "by reversal='float' (only by 'exact')")
+        if solver_uses is None:
+            _warn_near_one(settings.beta, settings.max_steps)
         return
     if solver_uses is not None:
         raise SettingError("reversal='exact'", f"rebuilds the reversible adjoint's states; {solver_uses}")
@@ -117,6 +120,22 @@ def _reversal(settings, solver_uses: str | None) -> None:
     if settings.checkpoint_every is not None:
         raise SettingError("checkpoint_every", "is not used by reversal='exact': the reconstruction is "
                            "exact at every step, so there is no drift to restart from")
+
+
+# |1 - beta| below this: the float reversal's division by 1 - beta multiplies rounding
+# errors by more than 100 per reverse step.
+NEAR_ONE = 0.01
+
+
+def _warn_near_one(beta: float, max_steps: int) -> None:
+    gap = abs(1.0 - beta)
+    if gap < NEAR_ONE:
+        per_step = 1.0 / gap
+        total = math.inf if max_steps * math.log10(per_step) > 300 else per_step ** max_steps
+        warnings.warn(f"beta={beta!r} is {gap:.2g} from 1: each step of the float reversal divides by 1 - beta, "
+                      f"multiplying rounding errors by {per_step:.3g} (up to {total:.3g} over max_steps={max_steps}); "
+                      "the gradients will be noise. Take beta farther from 1, or reversal='exact'",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _user(solver: str, backward_solver: str | None, only: str) -> str:

@@ -96,8 +96,8 @@ def test_empty(pair):
         flags = torch.zeros(1, dtype=torch.int32, device=device)
         ops.exact_relax_(h, torch.zeros_like(h), torch.zeros(shape, device=device), flags, 0, 1, 5, 32,
                          backend=backend)
-        sums = ops.exact_relax_residual_(h, torch.zeros_like(h), h, torch.zeros(shape, device=device), flags, 0,
-                                         1, 5, 32, backend=backend)
+        sums = ops.exact_relax_residual_(h, torch.zeros_like(h), torch.zeros_like(h), torch.zeros(shape, device=device),
+                                         flags, 0, 1, 5, 32, backend=backend)
         assert sums[0].shape == (shape[0],) and not bool(flags.any())
 
 

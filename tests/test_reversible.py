@@ -4,6 +4,7 @@ randomness, and every documented error."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -283,6 +284,60 @@ def test_z0_mismatch_names_shapes_and_devices():
         deq(torch.randn(4, 6), z0=torch.randn(3, 6))
     with pytest.raises(ValueError, match="z0 is on meta but x is on cpu"):
         deq(torch.randn(4, 6), z0=torch.empty(4, 6, device="meta"))
+
+
+def test_z0_feature_shape_mismatch_is_named_like_a_batch_mismatch():
+    deq = rk.ReversibleDEQ(Block(), beta=0.5, backend="torch")  # Block: Linear(6, 6) on z
+    with pytest.raises(ValueError, match=r"z0 has shape \(4, 7\) but x has shape \(4, 6\), and f failed on it "
+                                         r"\(RuntimeError: .*\); z0 must have the shape f\(z, x\) returns"):
+        deq(torch.randn(4, 6), z0=torch.randn(4, 7))
+
+
+def test_beta_near_1_warns_with_the_amplification_of_the_float_reversal():
+    with pytest.warns(RuntimeWarning, match=r"beta=1.0000001 is 1e-07 from 1: .* multiplying rounding errors by "
+                                            r"1e\+07 \(up to 1e\+56 over max_steps=8\)"):
+        rk.SolveSettings(beta=1.0000001, reversal="float")
+    with pytest.raises(ValueError, match="beta"):  # the exact reversal cannot represent it at all
+        rk.SolveSettings(beta=1.0000001)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rk.SolveSettings(beta=0.98, reversal="float")  # 50x per step: far enough from 1 to stay quiet
+        rk.SolveSettings(beta=1.0000001, reversal="float", adjoint="unrolled")  # no inverse is taken
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, deq):
+        super().__init__()
+        self.inject, self.deq = torch.nn.Linear(6, 6), deq
+
+    def forward(self, x):
+        return self.deq(self.inject(x)).square().sum()
+
+
+@pytest.mark.parametrize("deq", [dict(), dict(reversal="float"), dict(solver="anderson")],
+                         ids=["exact", "float", "anderson_implicit"])
+def test_torch_compile_runs_the_solve_eagerly_with_the_same_gradients(deq):
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    if deq.get("solver") == "anderson":
+        layer = rk.DEQ(Block(contraction=0.5), solver="anderson", max_steps=6, tol=0, backend="torch")
+    else:
+        layer = rk.ReversibleDEQ(Block(contraction=0.5), beta=0.5, max_steps=4, tol=0, backend="torch", **deq)
+    model, x = _Wrapped(layer), torch.randn(3, 6, requires_grad=True)
+    eager = torch.autograd.grad(model(x), [x, *model.parameters()])
+    dynamo.reset()
+    explained = dynamo.explain(model)(x)
+    assert explained.graph_break_count == 1, [r.reason for r in explained.break_reasons]
+    assert "runs each solve eagerly" in str(explained.break_reasons[0]), explained.break_reasons[0]
+    dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(model)(x), [x, *model.parameters()])
+    for e, c in zip(eager, compiled):  # the solve ran eagerly: only the layers around it were compiled
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6), f"compiled gradient differs by {(e - c).abs().max():.2e}"
+    dynamo.reset()
+    with pytest.raises(Exception, match="runs each solve eagerly: its backward recomputes f eagerly"):
+        torch.compile(model, fullgraph=True)(x)
+    dynamo.reset()
 
 
 def test_bad_x():

@@ -143,9 +143,27 @@ def text_files(paths: list[str]) -> list[Path]:
     return sorted(dict.fromkeys(p.resolve() for p in files))
 
 
+# A file is taken for binary when it holds a NUL byte, or when more than this share of
+# its characters are not UTF-8 (a few stray bytes in real text are replaced and kept).
+MAX_UNDECODABLE = 0.01
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text, or a DataUnavailable naming the file when it is not text."""
+    raw = path.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataUnavailable(f"data file {path} is not text: it holds a NUL byte at offset {nul:,}")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if text and bad > MAX_UNDECODABLE * len(text):
+        raise DataUnavailable(f"data file {path} is not UTF-8 text: {bad:,} of {len(text):,} characters "
+                              "cannot be decoded")
+    return text
+
+
 def file_documents(paths: list[str]) -> list[Document]:
-    docs = [Document(str(p), _normalise(p.read_text(encoding="utf-8", errors="replace")))
-            for p in text_files(paths)]
+    docs = [Document(str(p), _normalise(read_text_file(p))) for p in text_files(paths)]
     if not any(d.text.strip() for d in docs):
         raise DataUnavailable(f"data_files {paths} hold no text")
     return docs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from .adjoint_check import adjoint_gradient_error
-from .batches import TrainSampler, eval_starts, window_batch
+from .batches import TrainSampler, eval_starts, num_windows, window_batch
 from .checkpoint import LAST, PREVIOUS, CheckpointError, load_checkpoint, save_rotating
-from .config import DATA_KEYS, MODEL_KEYS, LMConfig
+from .config import DATA_KEYS, MODEL_KEYS, ConfigError, LMConfig
 from .data import prepare_data
 from .evaluation import evaluate
 from .metrics import MetricsLogger, plot_losses, truncate_jsonl
@@ -88,6 +89,36 @@ def train(cfg: LMConfig, resume: bool = False, log=print) -> TrainResult:
             dist.destroy_process_group()
 
 
+def check_out_dir(out_dir: str) -> None:
+    """out_dir is a directory or can be made one, and can be written: checked before any
+    data is prepared, so that an unusable path costs nothing."""
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"config key out_dir={out_dir!r}: {path} exists and is not a directory")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"config key out_dir={out_dir!r}: {existing} is a file, so no directory can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key out_dir={out_dir!r}: {existing} is not writable")
+
+
+def check_splits(data, cfg: LMConfig, world: int) -> None:
+    """Every split holds what training needs (the training split a batch per process, the
+    others one window each), all reported at once, before any step is spent."""
+    window = cfg.seq_len + 1
+    short = []
+    train_windows = num_windows(len(data["train"]), cfg.seq_len)
+    if train_windows // world < cfg.batch_size:
+        short.append(f"train has {len(data['train']):,} tokens = {train_windows} windows, fewer than batch_size="
+                     f"{cfg.batch_size}" + (f" per process x {world} processes" if world > 1 else ""))
+    for split in ("validation", "test"):
+        if num_windows(len(data[split]), cfg.seq_len) < 1:
+            short.append(f"{split} has {len(data[split]):,} tokens, fewer than one window")
+    if short:
+        raise DataUnavailable(f"splits too short for windows of seq_len+1 = {window} tokens: {'; '.join(short)}; "
+                              "use more data, larger val_fraction/test_fraction, or a smaller seq_len/batch_size")
+
+
 class Trainer:
     def __init__(self, cfg: LMConfig, ddp: Dist, log):
         self.cfg, self.ddp, self.log = cfg, ddp, log
@@ -133,6 +164,7 @@ class Trainer:
     def _setup(self, resume: bool) -> None:
         cfg, ddp = self.cfg, self.ddp
         ckpt, source = self._load_resume_checkpoint() if resume else (None, None)
+        check_out_dir(cfg.out_dir)
         saved_tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else None
         # rank 0 builds the token cache (and downloads the corpus); the others then read it
         data, error = None, None
@@ -150,6 +182,7 @@ class Trainer:
             raise error
         self.data = data or prepare_data(cfg, saved_tokenizer, log=self.log)
         self.tokenizer = self.data.tokenizer
+        check_splits(self.data, cfg, ddp.world)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = TransformerLM(cfg).to(self.device)
@@ -278,6 +311,7 @@ class Trainer:
 
             bar = tqdm(total=cfg.max_iters, initial=self.step, desc=f"train {cfg.method}", dynamic_ncols=True)
         stopped = "time_budget" if self.step < cfg.max_iters and self._over_budget() else "done"
+        first_step = self.step
         self.model.train()
         try:
             while self.step < cfg.max_iters and stopped == "done":
@@ -320,7 +354,12 @@ class Trainer:
                 bar.close()
             if self.logger is not None:
                 self.logger.close()
-        if self.ddp.main and stopped != "nonfinite":
+        if self.ddp.main and self.step == first_step:
+            written = (f"{self.ckpt_path} is unchanged (step {self.step})" if self.ckpt_path.exists()
+                       else "no checkpoint was written")
+            why = f"step {self.step} >= max_iters={cfg.max_iters}" if stopped == "done" else "the time budget is spent"
+            self.log(f"nothing was trained ({why}): {written}")
+        elif self.ddp.main and stopped != "nonfinite":
             png = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"{cfg.method} ({cfg.out_dir})")
             self.log(f"stopped ({stopped}) at step {self.step}; checkpoint {self.ckpt_path}; "
                      f"metrics {self.out / 'metrics.jsonl'}; plot {png}")

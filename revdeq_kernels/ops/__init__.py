@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import reference  # noqa: F401  (importable, not advertised)
-from .checks import F_DTYPES, STATE_DTYPES, check_beta, check_exact, check_read, check_written
+from .checks import (F_DTYPES, SAME_TENSOR_OK, STATE_DTYPES, check_aliasing, check_beta, check_exact,  # noqa: F401
+                     check_read, check_written)
 from ._library import SCHEMAS, op  # noqa: F401
 from .dispatch import BACKENDS, ENV_BACKEND, BackendInfo, backends, namespace_of, resolve_backend  # noqa: F401
 
@@ -32,6 +33,7 @@ def relax_(state: Tensor, f_out: Tensor, beta: float, *, backend: str | None = N
     """state <- (1-beta) state + beta f_out, in place. Returns ``state``."""
     check_written("state", state, STATE_DTYPES)
     check_read("f_out", f_out, "state", state)
+    check_aliasing("relax_", {"state": state}, {"f_out": f_out})
     _run("relax_", backend, state.device, state, f_out, check_beta(beta))
     return state
 
@@ -40,6 +42,7 @@ def unrelax_(state: Tensor, f_out: Tensor, beta: float, *, backend: str | None =
     """state <- (state - beta f_out) / (1-beta), in place: the exact inverse of relax_."""
     check_written("state", state, STATE_DTYPES)
     check_read("f_out", f_out, "state", state)
+    check_aliasing("unrelax_", {"state": state}, {"f_out": f_out})
     _run("unrelax_", backend, state.device, state, f_out, check_beta(beta, inverse=True))
     return state
 
@@ -61,6 +64,7 @@ def relax_residual_(
     check_written("y", y, STATE_DTYPES)
     check_read("z", z, "y", y, (y.dtype,))
     check_read("f_out", f_out, "y", y)
+    check_aliasing("relax_residual_", {"y": y}, {"z": z, "f_out": f_out})
     return _run("relax_residual_", backend, y.device, y, z, f_out, check_beta(beta))
 
 
@@ -82,8 +86,7 @@ def adjoint_accumulate_(
     check_read("vjp", vjp, "grad", grad)
     check_written("cotangent", cotangent, F_DTYPES)
     check_read("cotangent", cotangent, "grad", grad)
-    if not torch.compiler.is_compiling() and grad.numel() and cotangent.data_ptr() == grad.data_ptr():
-        raise ValueError("cotangent and grad must be different tensors")
+    check_aliasing("adjoint_accumulate_", {"grad": grad, "cotangent": cotangent}, {"vjp": vjp})
     _run("adjoint_accumulate_", backend, grad.device, grad, vjp, cotangent, check_beta(beta),
          bool(scale_after))
     return grad
@@ -98,6 +101,7 @@ def exact_relax_(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, st
     """state <- state * n/d + rint(f_out * beta * 2**frac_bits), exactly: the remainder of
     the multiplication goes into ``digits``. Returns ``state``."""
     args = check_exact("state", state, digits, f_out, flags, step, numerator, denominator, frac_bits)
+    check_aliasing("exact_relax_", {"state": state, "digits": digits, "flags": flags}, {"f_out": f_out})
     _run("exact_relax_", backend, state.device, state, digits, f_out, flags, *args)
     return state
 
@@ -106,6 +110,7 @@ def exact_unrelax_(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, 
                    denominator: int, frac_bits: int, *, backend: str | None = None) -> Tensor:
     """The exact inverse of exact_relax_: restores ``state`` and ``digits`` bit for bit."""
     args = check_exact("state", state, digits, f_out, flags, step, numerator, denominator, frac_bits)
+    check_aliasing("exact_unrelax_", {"state": state, "digits": digits, "flags": flags}, {"f_out": f_out})
     _run("exact_unrelax_", backend, state.device, state, digits, f_out, flags, *args)
     return state
 
@@ -117,4 +122,5 @@ def exact_relax_residual_(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, f
     (z * 2**-frac_bits - f_out)^2 and f_out^2 from the same read of f_out."""
     args = check_exact("y", y, digits, f_out, flags, step, numerator, denominator, frac_bits)
     check_read("z", z, "y", y, (torch.int64,))
+    check_aliasing("exact_relax_residual_", {"y": y, "digits": digits, "flags": flags}, {"z": z, "f_out": f_out})
     return _run("exact_relax_residual_", backend, y.device, y, digits, z, f_out, flags, *args)

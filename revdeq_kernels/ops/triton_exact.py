@@ -45,12 +45,12 @@ from torch import Tensor
 
 from . import _library
 from . import triton_ops as _float_ops
-from .checks import check_exact, check_read
+from .checks import check_aliasing, check_exact, check_read
 from .triton_kernels import sum_partials_kernel
 from .triton_ops import (
     GPU_ELEMENTWISE_CONFIGS, GPU_ROW_CHUNK, GPU_ROW_CONFIGS, INTERPRETED, INTERPRETER_CONFIG,
     INTERPRETER_ROW_CHUNK, INTERPRETER_ROW_CONFIG, PARTIALS_BLOCK, _bucket, _check_device,
-    _check_no_overlap, _device_guard, _row_tile, tuned,
+    _device_guard, _row_tile, tuned,
 )
 
 # (|n|, d) pairs whose divisors are compiled in as constants (besides every power-of-two d).
@@ -289,26 +289,24 @@ def quantisation_scale(numerator: int, denominator: int, frac_bits: int) -> floa
     return math.ldexp((denominator - numerator) / denominator, frac_bits)
 
 
-def _check_exact_tensors(state_name: str, state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor,
-                         step, numerator, denominator, frac_bits) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """check_exact, the device, no overlap between a written tensor and any other; f_out
-    returned contiguous (maybe a copy)."""
+def _check_exact_tensors(op: str, state_name: str, state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor,
+                         step, numerator, denominator, frac_bits, z: Tensor | None = None
+                         ) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """check_exact, the device and the aliasing rule (checks.py); f_out returned contiguous
+    (maybe a copy)."""
     _check_device(state, state_name)
     args = check_exact(state_name, state, digits, f_out, flags, step, numerator, denominator, frac_bits)
-    f = f_out.contiguous()
-    _check_no_overlap(state, state_name, digits, "digits", allow_identical=False)
-    for written, written_name in ((state, state_name), (digits, "digits"), (flags, "flags")):
-        _check_no_overlap(written, written_name, f, "f_out", allow_identical=False)
-    for other, other_name in ((state, state_name), (digits, "digits")):
-        _check_no_overlap(flags, "flags", other, other_name, allow_identical=False)
-    return f, args
+    read = {"f_out": f_out} if z is None else {"z": z, "f_out": f_out}
+    check_aliasing(op, {state_name: state, "digits": digits, "flags": flags}, read)
+    return f_out.contiguous(), args
 
 
 def launch_exact(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, step: int, numerator: int,
                  denominator: int, frac_bits: int, inverse: bool, kernels: ExactKernels | None = None) -> None:
     kernels = kernels or DEFAULT_EXACT_KERNELS
     f, (step, numerator, denominator, frac_bits) = _check_exact_tensors(
-        "state", state, digits, f_out, flags, step, numerator, denominator, frac_bits)
+        "exact_unrelax_" if inverse else "exact_relax_", "state", state, digits, f_out, flags, step, numerator,
+        denominator, frac_bits)
     n = state.numel()
     assert state.is_contiguous() and digits.is_contiguous(), "the kernel writes through a flat index"
     if n:
@@ -327,15 +325,10 @@ def launch_exact_row_sums(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, f
     """exact_relax_ on (y, digits), and the per-row (dim 0) float64 sums of
     (z * 2**-frac_bits - f)^2 and f^2 from the same pass."""
     kernels = kernels or DEFAULT_EXACT_KERNELS
-    f, (step, numerator, denominator, frac_bits) = _check_exact_tensors(
-        "y", y, digits, f_out, flags, step, numerator, denominator, frac_bits)
     check_read("z", z, "y", y, (torch.int64,))
+    f, (step, numerator, denominator, frac_bits) = _check_exact_tensors(
+        "exact_relax_residual_", "y", y, digits, f_out, flags, step, numerator, denominator, frac_bits, z)
     z = z.contiguous()
-    # z is read where y and digits are written: the very same elements are safe (each is
-    # loaded before it is stored, by the same program), any other overlap is not.
-    _check_no_overlap(y, "y", z, "z", allow_identical=True)
-    _check_no_overlap(digits, "digits", z, "z", allow_identical=True)
-    _check_no_overlap(flags, "flags", z, "z", allow_identical=False)
     batch = y.shape[0]
     row_len = y.numel() // batch if batch else 0
     if batch == 0 or row_len == 0:

@@ -28,7 +28,7 @@ except ImportError as error:  # dispatch reports the backend unavailable before 
     raise ImportError(f"the triton backend needs the triton package: {error}") from error
 
 from . import _library
-from .checks import F_DTYPES, STATE_DTYPES, check_beta, check_read, check_written
+from .checks import F_DTYPES, STATE_DTYPES, check_aliasing, check_beta, check_read, check_written
 from .reference import accumulation_dtype
 from .triton_kernels import adjoint_kernel, relax_kernel, row_sums_kernel, sum_partials_kernel
 
@@ -145,25 +145,6 @@ def _read_input(t: Tensor, name: str, dtypes, like: Tensor, like_name: str) -> T
     return t.contiguous()
 
 
-def _byte_range(t: Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-
-
-def _check_no_overlap(written: Tensor, written_name: str, other: Tensor, other_name: str,
-                      allow_identical: bool) -> None:
-    """Both contiguous. Elementwise kernels may read and write the very same elements
-    (identical tensors); any other overlap would read values another program wrote."""
-    if written.numel() == 0 or other.numel() == 0:
-        return
-    (w0, w1), (o0, o1) = _byte_range(written), _byte_range(other)
-    if w0 >= o1 or o0 >= w1:
-        return
-    if allow_identical and w0 == o0 and written.dtype == other.dtype:
-        return
-    raise ValueError(f"{written_name} (written) and {other_name} overlap in memory; "
-                     "pass separate tensors")
-
-
 def _device_guard(t: Tensor):
     # Triton launches on the current CUDA device: make it the tensors' device.
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -189,7 +170,7 @@ def launch_relax(state: Tensor, f_out: Tensor, beta: float, inverse: bool,
     kernels = kernels or DEFAULT_KERNELS
     _check_written(state, "state", STATE_DTYPES)
     f = _read_input(f_out, "f_out", F_DTYPES, state, "state")
-    _check_no_overlap(state, "state", f, "f_out", allow_identical=True)
+    check_aliasing("unrelax_" if inverse else "relax_", {"state": state}, {"f_out": f_out})
     one_minus_beta, beta = _scalars(beta, inverse)
     n = state.numel()
     assert state.is_contiguous(), "the kernel writes through a flat index"
@@ -210,9 +191,7 @@ def launch_adjoint(grad: Tensor, vjp: Tensor, cotangent: Tensor, beta: float, sc
         raise ValueError(f"cotangent ({tuple(cotangent.shape)} on {cotangent.device}) must match "
                          f"grad ({tuple(grad.shape)} on {grad.device})")
     v = _read_input(vjp, "vjp", F_DTYPES, grad, "grad")
-    _check_no_overlap(grad, "grad", cotangent, "cotangent", allow_identical=False)
-    _check_no_overlap(grad, "grad", v, "vjp", allow_identical=True)
-    _check_no_overlap(cotangent, "cotangent", v, "vjp", allow_identical=True)
+    check_aliasing("adjoint_accumulate_", {"grad": grad, "cotangent": cotangent}, {"vjp": vjp})
     one_minus_beta, beta = _scalars(beta)
     n = grad.numel()
     assert grad.is_contiguous() and cotangent.is_contiguous(), "the kernel writes through a flat index"
@@ -232,10 +211,9 @@ def launch_row_sums(y: Tensor | None, z: Tensor, f_out: Tensor, beta: float,
     kernels = kernels or DEFAULT_KERNELS
     if y is not None:
         _check_written(y, "y", STATE_DTYPES)
+        check_aliasing("relax_residual_", {"y": y}, {"z": z, "f_out": f_out})
         z = _read_input(z, "z", (y.dtype,), y, "y")
         f = _read_input(f_out, "f_out", F_DTYPES, y, "y")
-        _check_no_overlap(y, "y", z, "z", allow_identical=True)
-        _check_no_overlap(y, "y", f, "f_out", allow_identical=True)
     else:
         _check_device(z, "z")
         if z.dtype not in STATE_DTYPES:
