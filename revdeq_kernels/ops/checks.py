@@ -72,10 +72,14 @@ SAME_TENSOR_OK = {
 
 def _byte_span(t: Tensor) -> tuple[int, int] | None:
     """[first, last + 1) bytes that ``t`` can touch; None when it holds no element."""
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return None
+    start = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a loop over the dims
+        return start, start + n * t.element_size()
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+    return start, start + extent * t.element_size()
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
