@@ -5,8 +5,8 @@ One prepared run that proves the CUDA and Triton paths on a lent GPU, in order:
               (REVDEQ_CUDA_ARCHS, default 9.0; all cores; no build isolation, no installs),
               then rk.backends(), which must offer cuda and triton
   2. tests    the parity suite on cuda tensors (REVDEQ_TEST_DEVICES=cuda: the cuda, triton
-              and torch backends): test_ops, test_reversible, test_triton (its GPU half),
-              test_exact_ops, test_exact_reversal; every file must run tests
+              and torch backends): test_ops, test_ops_contracts, test_reversible, test_triton
+              (its GPU half), test_exact_ops, test_exact_reversal; every file must run tests
      sanitize compute-sanitizer --tool memcheck over bench/odd_views.py, every op on odd
               sizes and misaligned and strided views, per backend (cuda, triton), with the
               caching allocator off so each tensor is its own allocation; skipped with the
@@ -52,11 +52,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PARITY_FILES = ["tests/test_ops.py", "tests/test_reversible.py", "tests/test_triton.py", "tests/test_exact_ops.py",
-                "tests/test_exact_reversal.py"]
+PARITY_FILES = ["tests/test_ops.py", "tests/test_ops_contracts.py", "tests/test_reversible.py", "tests/test_triton.py",
+                "tests/test_exact_ops.py", "tests/test_exact_reversal.py"]
 # --smoke: a few tests from every parity file (each file must still run at least one)
-SMOKE_TESTS = ("misaligned_views or test_opcheck or gradients_match_unrolled_float32 or autotuning_applies "
-               "or exact_backward_lands_on_the_start")
+SMOKE_TESTS = ("misaligned_views or test_opcheck or autograd_records or gradients_match_unrolled_float32 "
+               "or autotuning_applies or exact_backward_lands_on_the_start")
 E2E_METHODS = "reversible,reversible_ck,reversible_exact,unrolled,implicit,phantom,explicit"
 OPS_TARGET = 0.9           # every fused op's fraction of the same-run roofline, at >= 64M elements
 TIME_TARGET = 1.35         # reversible step time / unrolled, equal N
