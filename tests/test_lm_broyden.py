@@ -75,3 +75,20 @@ def test_broyden_generation_keeps_the_equilibrium_cache():
 def test_broyden_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", ["method=broyden", *overrides])
+
+
+def test_a_broyden_model_can_infer_with_anderson():
+    torch.manual_seed(0)
+    broyden = TransformerLM(model_config(block="anchored", method="broyden", seq_len=24, max_steps=15,
+                                         tol=1e-11)).double().eval()
+    torch.manual_seed(0)
+    anderson = TransformerLM(model_config(block="anchored", method="broyden", seq_len=24, max_steps=15, tol=1e-11,
+                                          inference_solver="anderson")).double().eval()
+    anderson.load_state_dict(broyden.state_dict())
+    ids = torch.randint(0, 50, (2, 24))
+    with torch.no_grad():
+        gap = float((anderson(ids) - broyden(ids)).abs().max())
+    assert anderson.last_stats.max_residual <= 1e-11, anderson.last_stats.max_residual
+    assert gap <= 1e-9, f"anderson vs broyden fixed point of one model: max |logit difference| {gap:.3g} > 1e-9"
+    with pytest.raises(ValueError, match="'per-evaluation' does not apply to inference_solver=anderson"):
+        anderson.prefill(ids[:, :5], cache="per-evaluation")

@@ -66,6 +66,7 @@ def test_adjoint_check_sees_the_float_reversal_drift(tmp_path):
     ("block", "dense", "must be one of residual, postln, normed, anchored, direct"),
     ("checkpoint_every", "-1", "must be >= 0"),
     ("grad_check_interval", "-2", "must be >= 0"),
+    ("inference_solver", "newton", "must be one of anderson, broyden or null"),
 ])
 def test_new_config_keys_reject_bad_values(key, value, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -78,6 +79,11 @@ def test_reversible_only_keys_name_the_method(key, value):
     with pytest.raises(ConfigError, match="method=reversible") as error:
         load_config("tiny", ["method=explicit", f"{key}={value}"])
     assert key in str(error.value)
+
+
+def test_inference_solver_needs_a_deq():
+    with pytest.raises(ConfigError, match="inference_solver='anderson': applies to a DEQ"):
+        load_config("tiny", ["method=explicit", "inference_solver=anderson"])
 
 
 def test_checkpoint_every_selects_the_checkpointed_float_reversal():

@@ -3,6 +3,8 @@ recomputation, and the eval/generate command lines on a freshly trained checkpoi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -90,6 +92,12 @@ def test_eval_and_generate_command_lines(tmp_path, capsys):
     second = capsys.readouterr()
     assert first.out == second.out and first.out.startswith("KING: the"), (first.out, second.out)
     assert "tokens/s vs full recomputation" in second.err and "same tokens: True" in second.err, second.err
+    assert eval_main(["--checkpoint", ckpt, "--split", "test", "--max-windows", "8", "threads=1",
+                      "inference_solver=anderson"]) == 0
+    out = capsys.readouterr().out
+    assert "(anderson at up to 6 steps, max_steps 3" in out, out
+    assert generate_main(args + ["inference_solver=anderson"]) == 0
+    assert "equilibrium cache" in capsys.readouterr().err
     assert generate_main(["--checkpoint", ckpt, "d_model=64"]) == 2
     assert "cannot override 'd_model' on a trained model" in capsys.readouterr().err
 
@@ -123,7 +131,57 @@ def test_auto_cache_keeps_every_evaluation_when_the_solve_does_not_converge():
     assert exact <= PARITY_TOL[torch.float32] < forced, (exact, forced)
 
 
+def test_inference_solver_reaches_the_same_fixed_point_in_fewer_evaluations():
+    ids = torch.randint(0, 50, (2, 24))
+    model = converged_model().eval()
+    with torch.no_grad():
+        reference = model(ids)
+    iteration_evals = model.last_stats.nfe_forward
+    torch.manual_seed(0)
+    anderson = TransformerLM(model_config(block="anchored", seq_len=24, max_steps=30, tol=1e-10,
+                                          inference_solver="anderson")).double().eval()
+    anderson.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        logits = anderson(ids)
+    stats = anderson.last_stats
+    assert stats.max_residual <= 1e-10 and stats.nfe_forward < iteration_evals, (stats, iteration_evals)
+    gap = float((logits - reference).abs().max())
+    assert gap <= 1e-9, f"anderson's fixed point vs the reversible iteration's: max |logit difference| {gap:.3g} > 1e-9"
+    _, caches = anderson.prefill(ids[:, :5])
+    assert caches[0].kind == "equilibrium" and caches[0].levels == 1, (caches[0].kind, caches[0].levels)
+    gap = cache_parity(anderson, ids, prompt_len=5)
+    assert gap <= 1e-10, f"anderson equilibrium cache vs full recomputation: max |p_cached - p_full| {gap:.3g} > 1e-10"
+    with pytest.raises(ValueError, match="'per-evaluation' does not apply to inference_solver=anderson"):
+        anderson.prefill(ids[:, :5], cache="per-evaluation")
+    anderson.train()  # training keeps the reversible iteration: the solve that is differentiated
+    with torch.no_grad():
+        anderson(ids)
+    assert anderson.last_stats.nfe_forward == iteration_evals, (anderson.last_stats.nfe_forward, iteration_evals)
+
+
 def test_cache_kind_errors():
     model = converged_model()
     with pytest.raises(ValueError, match="cache='levels': must be one of auto, equilibrium, per-evaluation"):
         model.prefill(torch.zeros(1, 3, dtype=torch.long), cache="levels")
+
+
+def test_inference_bench_compares_the_solvers_on_a_checkpoint(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "lm_inference.py"
+    spec = importlib.util.spec_from_file_location("lm_inference", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train(small_config(tmp_path, max_iters=3, eval_interval=3, checkpoint_interval=3), log=lambda *a: None)
+    out = tmp_path / "inference.json"
+    assert bench.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--settings", "20:1e-2", "--windows", "2",
+                       "--new-tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["solver"] for row in rows] == ["reversible", "anderson"], rows
+    for row in rows:
+        assert row["auto_cache"] == "equilibrium" and row["window_residual"] <= 1e-2, row
+        assert 0 <= row["parity_equilibrium"] < 1 and row["same_tokens"], row
+    # the iteration evaluates the block 1 + 2 * steps times, Anderson once per step
+    assert rows[0]["window_evals"] == 1 + 2 * rows[0]["window_steps"], rows[0]
+    assert rows[1]["window_evals"] <= 2 * 20 + 1, rows[1]

@@ -37,8 +37,8 @@ LIBRARY = "revdeq_kernels"
 LAST, PREVIOUS = "last.pt", "prev.pt"
 # Keys an evaluation or generation may change on a trained model: inference-time solver
 # settings and where/how it runs.
-INFERENCE_KEYS = ("max_steps", "tol", "beta", "state_dtype", "backend", "device", "amp", "batch_size",
-                  "data_dir", "threads", "eval_batches")
+INFERENCE_KEYS = ("max_steps", "tol", "beta", "inference_solver", "state_dtype", "backend", "device", "amp",
+                  "batch_size", "data_dir", "threads", "eval_batches")
 
 
 class CheckpointError(ValueError):

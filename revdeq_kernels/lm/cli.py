@@ -111,10 +111,12 @@ def eval_main(argv: list[str] | None = None) -> int:
         return _fail(error)
     result = {"checkpoint": args.checkpoint, "step": ckpt["step"], "split": args.split,
               "method": cfg.method, "max_steps": cfg.max_steps, "tol": cfg.tol, **result}
+    if model.is_deq:
+        result["solver"] = model.accelerated_solver or "reversible"
     print(f"{args.split}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  over {result['tokens']:,} tokens")
     if model.is_deq:
         print(f"solver: steps mean {result['solver_steps_mean']:.2f} max {result['solver_steps_max']} "
-              f"(max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
+              f"({_solver_name(model)}max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
               f"max {result['residual_max']:.3e}; absolute (RMS) mean {result['abs_residual_mean']:.3e} "
               f"max {result['abs_residual_max']:.3e}")
     if by_depth:
@@ -179,6 +181,13 @@ def generate_main(argv: list[str] | None = None) -> int:
             line += f"; max |p_cached - p_full| {cache_parity(model, cached.ids, prompt.shape[1], cached.cache_kind if model.is_deq else 'auto'):.2e}"
         print(line + "]", file=sys.stderr)
     return 0
+
+
+def _solver_name(model) -> str:
+    """"anderson, " when a solver other than the training one ran, else ""."""
+    solver = model.accelerated_solver
+    return f"{solver} at up to {2 * model.cfg.max_steps} steps, " if solver and model.cfg.method != "broyden" else \
+        (f"{solver}, " if solver else "")
 
 
 def main(argv: list[str] | None = None) -> int:

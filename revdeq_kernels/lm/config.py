@@ -25,6 +25,9 @@ CACHE_KINDS = ("auto", "equilibrium", "per-evaluation")  # the DEQ's key/value c
 DATASETS = ("shakespeare", "files", "wikitext-2", "wikitext-103")
 TOKENIZERS = ("auto", "gpt2", "bpe")
 STATE_DTYPES = ("float32", "float64", "bfloat16")
+# Solvers that may replace the training solve at inference (null: the training solve itself);
+# they find the same fixed point in fewer evaluations, and mix positions within a step.
+INFERENCE_SOLVERS = ("anderson", "broyden")
 AMP_MODES = ("auto", "bf16", "off")
 
 # What defines the model's parameters or its data: a resumed run may not change these.
@@ -65,6 +68,7 @@ class LMConfig:
     tol: float = 1e-3               # DEQ stop tolerance on the relative residual (0: always max_steps)
     state_dtype: str | None = None  # DEQ states: float32 | float64 | bfloat16 | null (= the activations')
     reversal: str | None = None     # how the backward rebuilds the states: exact | float | null (= exact)
+    inference_solver: str | None = None  # DEQ eval/generation: anderson | broyden | null (= the training solve)
     jac_reg: float = 0.0            # DEQ: weight of the Jacobian penalty ||J_f||_F^2 / n at z* in the loss (0: off)
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
@@ -142,6 +146,10 @@ class LMConfig:
             need(False, error.name, error.reason)
         need(self.reversal is None or self.method == "reversible", "reversal",
              f"'{self.reversal}' applies to method=reversible only (method is {self.method})")
+        need(self.inference_solver in INFERENCE_SOLVERS + (None,), "inference_solver",
+             f"must be one of {', '.join(INFERENCE_SOLVERS)} or null (the training solve)")
+        need(self.inference_solver is None or self.method != "explicit", "inference_solver",
+             "applies to a DEQ: method=explicit has no fixed point to solve for")
         need(self.state_dtype in STATE_DTYPES + (None,), "state_dtype",
              f"must be one of {', '.join(STATE_DTYPES)} or null")
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")

@@ -124,7 +124,8 @@ def cache_parity(model: TransformerLM, ids: Tensor, prompt_len: int, cache: str 
     worst = 0.0
     for t in range(prompt_len, ids.shape[1] + 1):
         full = model(ids[:, :t])[:, -1]
-        worst = max(worst, float((logits.float().softmax(-1) - full.float().softmax(-1)).abs().max()))
+        # in float64: float32 would hide a float64 model's gaps below ~1e-9 (its rounding of p)
+        worst = max(worst, float((logits.double().softmax(-1) - full.double().softmax(-1)).abs().max()))
         if t < ids.shape[1]:
             logits = model.decode_step(ids[:, t], caches)
     return worst

@@ -7,6 +7,9 @@ steps), autograd through every step, or the classic implicit and phantom gradien
 ``method="broyden"``: the classic DEQ-Transformer recipe of locuslab/deq, Broyden's method
 forward and for the implicit adjoint's solve, 2 * max_steps steps each (the same block
 evaluations as the reversible iteration at max_steps).
+``inference_solver="anderson"`` / ``"broyden"``: evaluation and generation solve for the
+same fixed point with that solver instead of the training one, at the same block
+evaluations (``2 * max_steps`` steps); training is unchanged.
 ``method="explicit"``: ``z = 0; z = Block_l(z, x)`` for l = 1..n_layers, separate weights:
 the same block, with the same input injection and starting state, without tying or
 relaxation, for comparison.
@@ -77,6 +80,12 @@ class TransformerLM(nn.Module):
     def is_deq(self) -> bool:
         return self.cfg.method != "explicit"
 
+    @property
+    def accelerated_solver(self) -> str | None:
+        """The solver of evaluation and generation when it is not the reversible iteration:
+        ``inference_solver``, else ``broyden`` for method=broyden, else None."""
+        return self.cfg.inference_solver or ("broyden" if self.cfg.method == "broyden" else None)
+
     def inference_settings(self) -> rk.SolveSettings:
         """The forward iteration of ``self.deq`` as ``rk.solve`` settings (for the cached
         solves of generation, which need no gradient: implicit and phantom map to unrolled)."""
@@ -139,8 +148,14 @@ class TransformerLM(nn.Module):
         """Final states [B, T, D] before the final LayerNorm."""
         x = self.embed(idx)
         if self.is_deq:
-            z = self._train_depth_solve(x) if self.training and self.cfg.depth_jitter else self.deq(x)
-            self.last_stats = self.deq.last_stats
+            if self.training:
+                z = self._train_depth_solve(x) if self.cfg.depth_jitter else self.deq(x)
+                self.last_stats = self.deq.last_stats
+            elif self.cfg.inference_solver:
+                z = self._solve_accelerated(self.deq.f, x)
+            else:
+                z = self.deq(x)
+                self.last_stats = self.deq.last_stats
             self.last_penalty = self.equilibrium_penalty(z, x) if self.training and torch.is_grad_enabled() else None
             return z.to(x.dtype)
         z = torch.zeros_like(x)
@@ -166,15 +181,19 @@ class TransformerLM(nn.Module):
                     for _ in self.blocks]
         if kind not in CACHE_KINDS[1:]:
             raise ValueError(f"cache kind {kind!r}: must be one of {', '.join(CACHE_KINDS[1:])}")
-        if kind == "per-evaluation" and self.cfg.method == "broyden":
-            raise ValueError("cache kind 'per-evaluation' does not apply to method=broyden: each Broyden step "
-                             "mixes all positions of a sequence (its inverse Jacobian spans the whole state), "
-                             "so a new position's iterates are not the full solve's; use the equilibrium cache")
+        solver = self.accelerated_solver
+        if kind == "per-evaluation" and solver:
+            which = "method=broyden" if self.cfg.method == "broyden" and not self.cfg.inference_solver else \
+                f"inference_solver={solver}"
+            raise ValueError(f"cache kind 'per-evaluation' does not apply to {which}: each {solver} step mixes "
+                             "all positions of a sequence (its update is fitted to the whole state), so a new "
+                             "position's iterates are not the full solve's; use the equilibrium cache")
         levels = 1 if kind == "equilibrium" else 1 + 2 * self.deq.settings.max_steps
         return [KVCache(levels, batch, heads, self.cfg.seq_len, head_dim, dtype=dtype, device=device, kind=kind)]
 
     def converged(self) -> bool:
-        """Whether the last DEQ solve met its tolerance at every position of every sequence."""
+        """Whether the last DEQ solve met its tolerance on every sequence (``tol`` bounds a
+        sequence's relative residual, not each position's)."""
         tol = self.deq.settings.tol
         return tol > 0 and self.last_stats is not None and self.last_stats.max_residual <= tol
 
@@ -185,8 +204,8 @@ class TransformerLM(nn.Module):
         ``cache`` (DEQ): ``auto`` keeps the equilibrium cache when the prompt's solve met
         ``tol`` (the iterates are then the equilibrium, to ``tol``) and the per-evaluation
         cache otherwise; ``equilibrium`` or ``per-evaluation`` force one. ``caches[0].kind``
-        says which. method=broyden keeps the equilibrium cache: its steps couple the
-        positions, so there is no per-position iterate to cache."""
+        says which. method=broyden and ``inference_solver`` keep the equilibrium cache: their
+        steps couple the positions, so there is no per-position iterate to cache."""
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache={cache!r}: must be one of {', '.join(CACHE_KINDS)}")
         x = self.embed(idx)
@@ -196,7 +215,7 @@ class TransformerLM(nn.Module):
         f = CachedSolveBlock(self.deq.f, None)
         z = self._solve(f, x)
         if cache == "auto":
-            cache = "equilibrium" if self.converged() or self.cfg.method == "broyden" else "per-evaluation"
+            cache = "equilibrium" if self.converged() or self.accelerated_solver else "per-evaluation"
         caches = self.new_caches(idx.shape[0], x.dtype, x.device, cache)
         caches[0].append(f.recorded)
         return self.head(self.ln_f(z[:, -1])), caches
@@ -215,21 +234,34 @@ class TransformerLM(nn.Module):
         return self.head(self.ln_f(self._extend(x, caches)[:, -1]))
 
     def _solve(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
-        if self.cfg.method == "broyden":
-            return self._solve_broyden(f, x)
+        if self.accelerated_solver:
+            z = self._solve_accelerated(f, x)
+            # The equilibrium cache keeps the keys/values of the returned state, and the last
+            # evaluation can be of another state (Broyden's rejected step, Anderson's mixing):
+            # evaluate the returned state once more.
+            f.recorded.clear()
+            f(z, x)
+            return z
         solution = rk.solve(f, x, settings=self.inference_settings(), on_nonfinite="raise")
         self.last_stats = solution.stats
         return solution.z.to(x.dtype)
 
-    def _solve_broyden(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
-        deq = rk.DEQ(f, **broyden_settings(self.cfg))
-        deq.settings = dataclasses.replace(self.deq.settings, on_nonfinite="raise")  # with solver_settings' changes
+    def _solve_accelerated(self, f: nn.Module, x: Tensor) -> Tensor:
+        """The forward solve of evaluation and generation with :attr:`accelerated_solver`,
+        under the DEQ's current settings (with solver_settings' changes)."""
+        solver, settings = self.accelerated_solver, self.deq.settings
+        if self.cfg.method == "broyden":
+            deq = rk.DEQ(f, **broyden_settings(self.cfg))
+            deq.settings = dataclasses.replace(settings, solver=solver, on_nonfinite="raise")
+            if solver != "broyden":  # Broyden's first-step damping is no Anderson mixing
+                deq.settings = dataclasses.replace(deq.settings, beta=1.0)
+        else:
+            # 2 * max_steps steps: the block evaluations of the reversible iteration at max_steps;
+            # the solver's own default mixing (beta is the training iteration's coupling)
+            deq = rk.DEQ(f, solver=solver, adjoint="implicit", max_steps=2 * settings.max_steps, tol=settings.tol,
+                         state_dtype=settings.state_dtype, backend=settings.backend, on_nonfinite="raise")
         z = deq(x).to(x.dtype)
         self.last_stats = deq.last_stats
-        # The equilibrium cache keeps the keys/values of the returned state, and Broyden's
-        # last evaluation can be at a step it rejected: evaluate the returned state once more.
-        f.recorded.clear()
-        f(z, x)
         return z
 
     def _extend(self, x: Tensor, caches: list[KVCache]) -> Tensor:
