@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from e2e_report import write_json  # noqa: E402  (json and os only: the driver runs before the build, without torch)
 REPO = HERE.parent
 PARITY_FILES = ["tests/test_ops.py", "tests/test_ops_contracts.py", "tests/test_reversible.py", "tests/test_triton.py",
                 "tests/test_exact_ops.py", "tests/test_exact_reversal.py"]
@@ -277,8 +279,7 @@ class Check:
                 header = header or {k: payload[k] for k in ("header", "setup")}
         if not rows:
             return
-        sys.path.insert(0, str(HERE))
-        from e2e_report import plot, targets, write_json
+        from e2e_report import plot, targets
 
         write_json(str(self.out / "e2e.json"), dict(**header, rows=rows, targets=targets(rows)))
         setup = header["setup"]
@@ -333,7 +334,7 @@ class Check:
         payload = dict(mode="smoke" if self.smoke else "quick" if self.args.quick else "full", ok=ok,
                        seconds=total, budget_s=self.args.budget_s, header=_header(self.env),
                        stages=[asdict(s) for s in self.stages], targets=self.targets)
-        _write_json(self.out / "gpu_check.json", payload)
+        write_json(str(self.out / "gpu_check.json"), payload)
         self.log.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
         return 0 if ok else 1
@@ -416,12 +417,6 @@ def _header(env: dict) -> dict:
         info["commit"] = "unknown"
     info["python"] = sys.version.split()[0]
     return info
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

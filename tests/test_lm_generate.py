@@ -97,7 +97,7 @@ def test_eval_and_generate_command_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(anderson at up to 6 steps, max_steps 3" in out, out
     assert generate_main(args + ["inference_solver=anderson"]) == 0
-    assert "equilibrium cache" in capsys.readouterr().err
+    assert "equilibrium cache, anderson]" in capsys.readouterr().err
     assert generate_main(["--checkpoint", ckpt, "d_model=64"]) == 2
     assert "cannot override 'd_model' on a trained model" in capsys.readouterr().err
 

@@ -170,6 +170,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         return _fail(error)
     print(tokenizer.decode(out.ids[0].tolist()))
     mode = f"{out.cache_kind} cache" if out.cached else "full recomputation"
+    if model.is_deq and model.accelerated_solver:
+        mode += f", {model.accelerated_solver}"
     print(f"\n[{out.new_tokens} tokens in {out.seconds:.2f}s: {out.tokens_per_s:.1f} tokens/s, {mode}]", file=sys.stderr)
     if args.compare:
         other = generate(model, prompt, args.max_new_tokens, use_cache=not out.cached, **sampling)
