@@ -45,6 +45,7 @@ def test_unknown_key_lists_every_valid_key(tmp_path):
     ("max_iters=1.5", "max_iters .*expected an integer"),
     ("progress=maybe", "progress .*expected true or false"),
     ("beta=1", r"beta=1.0: must be in \(0, 2\) and != 1"),
+    ("depth_reg=-1", r"depth_reg=-1.0: must be >= 0 \(0: off\)"),
     ("d_model=30", "d_model=30: must be divisible by n_heads=4"),
     ("state_dtype=float16", "state_dtype='float16': must be one of"),
     ("method=anderson", "method='anderson': must be one of reversible, unrolled, implicit, phantom, broyden, explicit"),

@@ -14,7 +14,7 @@ from revdeq_kernels.lm import TransformerLM, load_config, prepare_data, train
 from revdeq_kernels.lm.adjoint_check import adjoint_gradient_error
 from revdeq_kernels.lm.config import ConfigError, LMConfig, preset_names, read_yaml
 from revdeq_kernels.lm.evaluation import evaluate_depths
-from revdeq_kernels.lm.penalties import jacobian_penalty, residual_penalty
+from revdeq_kernels.lm.penalties import depth_penalty, jacobian_penalty, residual_penalty
 from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
 from tests.test_lm_model import model_config
 
@@ -98,7 +98,8 @@ def test_default_block_converges_and_more_steps_do_not_hurt(tmp_path):
     """The default model is an equilibrium: trained for a few dozen steps at N solver steps,
     its residual keeps falling at 2N and 4N, and evaluating deeper is not worse."""
     defaults = LMConfig()
-    cfg = small_config(tmp_path, block=defaults.block, res_reg=defaults.res_reg, depth_jitter=defaults.depth_jitter,
+    cfg = small_config(tmp_path, block=defaults.block, res_reg=defaults.res_reg, depth_reg=defaults.depth_reg,
+                       depth_jitter=defaults.depth_jitter,
                        max_steps=4, beta=0.8, max_iters=60, eval_interval=60, checkpoint_interval=60,
                        lr=1e-2, min_lr=1e-3, warmup_iters=5)
     result = train(cfg, log=lambda *a: None)
@@ -123,9 +124,40 @@ def test_residual_penalty_is_the_squared_relative_residual_the_solver_reports():
     idx = torch.randint(0, 50, (3, 12))
     z = model.deq(model.embed(idx))
     reported = model.deq.last_stats.residual  # per sequence, with the 1e-5 guard in the denominator
-    penalty = residual_penalty(model.deq.f, z, model.embed(idx)).detach()
+    penalty = residual_penalty(z, model.deq.f(z, model.embed(idx))).detach()
     want = float(reported.pow(2).mean())
     assert abs(float(penalty) - want) <= 1e-4 * want, f"residual penalty {float(penalty):.6g} vs solver's {want:.6g}"
+
+
+def test_depth_penalty_is_the_loss_one_more_evaluation_adds_and_trains_both_sides():
+    torch.manual_seed(0)
+    model = TransformerLM(model_config(max_steps=3, res_reg=0.0, depth_reg=7.0)).double().train()
+    idx, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    logits, loss = model(idx, targets)
+    with torch.no_grad():  # by hand: the readout of one more evaluation of f at the solution
+        z, x = model._solution(idx)
+        deeper = model.cross_entropy(model.readout(model.deq.f(z, x)), targets)
+    want = 7.0 * max(float(deeper) - float(loss.detach()), 0.0)
+    got = float(model.last_penalty.detach())
+    assert abs(got - want) <= 1e-12 * max(1.0, want), f"depth penalty {got!r} vs by hand {want!r}"
+
+    # both sides keep their gradients: a rise pushes the deeper loss down and the loss at z* up
+    loss, deeper = torch.tensor(1.0, requires_grad=True), torch.tensor(1.5, requires_grad=True)
+    depth_penalty(loss, deeper).backward()
+    assert (float(loss.grad), float(deeper.grad)) == (-1.0, 1.0), (loss.grad, deeper.grad)
+    assert float(depth_penalty(deeper.detach(), loss.detach())) == 0.0, "no penalty when one more evaluation lowers the loss"
+
+
+def test_penalties_need_targets_and_training_mode():
+    model = TransformerLM(model_config(max_steps=2, res_reg=1.0, depth_reg=1.0)).train()
+    idx = torch.randint(0, 50, (2, 8))
+    model(idx, idx)
+    assert model.last_penalty is not None and model.last_penalty.requires_grad
+    model(idx)
+    assert model.last_penalty is None, "a forward without targets has no objective to add a penalty to"
+    model.eval()
+    model(idx, idx)
+    assert model.last_penalty is None, "evaluation must not pay for the penalties"
 
 
 def test_jacobian_penalty_estimates_the_mean_squared_singular_value():
@@ -155,8 +187,8 @@ def test_depth_jitter_draws_every_depth_in_its_range_and_only_in_training():
 
 
 def test_training_with_penalties_logs_them_and_still_learns(tmp_path):
-    cfg = small_config(tmp_path, res_reg=20.0, jac_reg=0.01, depth_jitter=1, max_iters=20, eval_interval=20,
-                       checkpoint_interval=20)
+    cfg = small_config(tmp_path, res_reg=20.0, jac_reg=0.01, depth_reg=1.0, depth_jitter=1, max_iters=20,
+                       eval_interval=20, checkpoint_interval=20)
     result = train(cfg, log=lambda *a: None)
     records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
     penalties = [r["penalty"] for r in records if r["kind"] == "train"]
@@ -170,7 +202,7 @@ def test_a_checkpoint_from_before_the_block_key_loads_as_the_residual_block(tmp_
     cfg = small_config(tmp_path, block="residual", res_reg=0.0, max_iters=2, eval_interval=2, checkpoint_interval=2)
     result = train(cfg, log=lambda *a: None)
     payload = load_checkpoint(result.out_dir / "last.pt")
-    for key in ("block", "res_reg", "jac_reg", "depth_jitter", "checkpoint_every", "grad_check_interval",
+    for key in ("block", "res_reg", "jac_reg", "depth_jitter", "depth_reg", "checkpoint_every", "grad_check_interval",
                 "lr_decay_iters"):
         del payload["config"][key]  # as written before these keys existed
     save_rotating(tmp_path / "old", payload)

@@ -72,6 +72,7 @@ class LMConfig:
     jac_reg: float = 0.0            # DEQ: weight of the Jacobian penalty ||J_f||_F^2 / n at z* in the loss (0: off)
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
+    depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
     checkpoint_every: int = 0       # reversal=float: store the states every this many steps (0: never)
     backend: str | None = None      # kernel backend of the state updates (null: $REVDEQ_BACKEND or auto)
     tie_embeddings: bool = True     # the LM head shares the token-embedding matrix
@@ -130,7 +131,7 @@ class LMConfig:
              f"compares the reversible adjoint with unrolled: needs method=reversible (method is {self.method})")
         need(self.block in BLOCKS, "block", f"must be one of {', '.join(BLOCKS)}")
         # the DEQ-only training terms (an explicit model has no fixed point) are ignored by explicit
-        for key in ("depth_jitter", "jac_reg", "res_reg"):
+        for key in ("depth_jitter", "jac_reg", "res_reg", "depth_reg"):
             need(getattr(self, key) >= 0, key, "must be >= 0 (0: off)")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")
         need(self.checkpoint_every == 0 or self.method == "reversible", "checkpoint_every",

@@ -31,7 +31,7 @@ import revdeq_kernels as rk
 
 from .block import BLOCKS, CachedSolveBlock, KVCache, init_weights_
 from .config import CACHE_KINDS, LMConfig, broyden_settings
-from .penalties import jacobian_penalty, residual_penalty
+from .penalties import depth_penalty, jacobian_penalty, residual_penalty
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -57,7 +57,7 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.last_stats: rk.SolverStats | None = None
         self._inference: tuple | None = None  # (DEQ settings, the inference_settings() made from them)
-        self.last_penalty: Tensor | None = None  # jac_reg, res_reg: the last training forward's penalty
+        self.last_penalty: Tensor | None = None  # jac_reg, res_reg, depth_reg: the last training forward's penalty
         self._init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -119,15 +119,21 @@ class TransformerLM(nn.Module):
         with self.solver_settings(max_steps=self.deq.settings.max_steps + extra):
             return self.deq(x)
 
-    def equilibrium_penalty(self, z: Tensor, x: Tensor) -> Tensor | None:
-        """``jac_reg * jacobian_penalty + res_reg * residual_penalty`` at the solution z, or
-        None when both weights are 0: the terms the training objective adds to the loss."""
+    def equilibrium_penalty(self, z: Tensor, x: Tensor, targets: Tensor, loss: Tensor) -> Tensor | None:
+        """``jac_reg * jacobian_penalty + res_reg * residual_penalty + depth_reg * depth_penalty``
+        at the solution z (``loss``: the cross-entropy at z against ``targets``), or None when
+        every weight is 0: the terms the training objective adds to the loss. The residual and
+        depth terms share one evaluation of f."""
         cfg, f = self.cfg, self.deq.f
         terms = []
         if cfg.jac_reg > 0:
             terms.append(cfg.jac_reg * jacobian_penalty(f, z, x))
-        if cfg.res_reg > 0:
-            terms.append(cfg.res_reg * residual_penalty(f, z, x))
+        if cfg.res_reg > 0 or cfg.depth_reg > 0:
+            fz = f(z.to(x.dtype), x)
+            if cfg.res_reg > 0:
+                terms.append(cfg.res_reg * residual_penalty(z, fz))
+            if cfg.depth_reg > 0:
+                terms.append(cfg.depth_reg * depth_penalty(loss, self.cross_entropy(self.readout(fz), targets)))
         return sum(terms) if terms else None
 
     def num_parameters(self) -> int:
@@ -146,6 +152,10 @@ class TransformerLM(nn.Module):
 
     def hidden(self, idx: Tensor) -> Tensor:
         """Final states [B, T, D] before the final LayerNorm."""
+        return self._solution(idx)[0]
+
+    def _solution(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(final states, the embeddings x they were solved from)."""
         x = self.embed(idx)
         if self.is_deq:
             if self.training:
@@ -156,19 +166,31 @@ class TransformerLM(nn.Module):
             else:
                 z = self.deq(x)
                 self.last_stats = self.deq.last_stats
-            self.last_penalty = self.equilibrium_penalty(z, x) if self.training and torch.is_grad_enabled() else None
-            return z.to(x.dtype)
+            return z.to(x.dtype), x
         z = torch.zeros_like(x)
         for block in self.blocks:
             z = block(z, x)
-        return z
+        return z, x
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Logits [B, T, V] of final states z."""
+        return self.head(self.ln_f(z))
+
+    @staticmethod
+    def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):
-        """Logits [B, T, V]; with ``targets`` also the mean cross-entropy."""
-        logits = self.head(self.ln_f(self.hidden(idx)))
+        """Logits [B, T, V]; with ``targets`` also the mean cross-entropy. A DEQ's training
+        forward with targets leaves the penalties of its objective in ``last_penalty``."""
+        z, x = self._solution(idx)
+        logits = self.readout(z)
+        self.last_penalty = None
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = self.cross_entropy(logits, targets)
+        if self.is_deq and self.training and torch.is_grad_enabled():
+            self.last_penalty = self.equilibrium_penalty(z, x, targets, loss)
         return logits, loss
 
     # --- incremental decoding ---------------------------------------------------------
@@ -211,14 +233,14 @@ class TransformerLM(nn.Module):
         x = self.embed(idx)
         if not self.is_deq:
             caches = self.new_caches(idx.shape[0], x.dtype, x.device)
-            return self.head(self.ln_f(self._extend(x, caches)[:, -1])), caches
+            return self.readout(self._extend(x, caches)[:, -1]), caches
         f = CachedSolveBlock(self.deq.f, None)
         z = self._solve(f, x)
         if cache == "auto":
             cache = "equilibrium" if self.converged() or self.accelerated_solver else "per-evaluation"
         caches = self.new_caches(idx.shape[0], x.dtype, x.device, cache)
         caches[0].append(f.recorded)
-        return self.head(self.ln_f(z[:, -1])), caches
+        return self.readout(z[:, -1]), caches
 
     @torch.no_grad()
     def decode_step(self, token: Tensor, caches: list[KVCache]) -> Tensor:
@@ -231,7 +253,7 @@ class TransformerLM(nn.Module):
         (exactly, up to rounding). With the equilibrium cache every evaluation attends to
         the earlier positions' final states: the same fixed point, to the solver's ``tol``."""
         x = self.embed(token[:, None], start=caches[0].length)
-        return self.head(self.ln_f(self._extend(x, caches)[:, -1]))
+        return self.readout(self._extend(x, caches)[:, -1])
 
     def _solve(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
         if self.accelerated_solver:
