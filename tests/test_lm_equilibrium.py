@@ -135,7 +135,7 @@ def test_depth_penalty_is_the_loss_one_more_evaluation_adds_and_trains_both_side
     idx, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
     logits, loss = model(idx, targets)
     with torch.no_grad():  # by hand: the readout of one more evaluation of f at the solution
-        z, x = model._solution(idx)
+        z, x = model.solution(idx)
         deeper = model.cross_entropy(model.readout(model.deq.f(z, x)), targets)
     want = 7.0 * max(float(deeper) - float(loss.detach()), 0.0)
     got = float(model.last_penalty.detach())

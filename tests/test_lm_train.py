@@ -108,3 +108,24 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     assert any("non-finite loss (nan) at step 5" in m and "(step 4)" in m for m in messages), messages
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nonfinite_stop_names_prev_pt_when_last_pt_is_damaged(tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    calls = {"n": 0}
+    last = tmp_path / "run" / "last.pt"
+
+    def damage_last_then_nan_at_step_5(model, x, y):
+        calls["n"] += 1
+        loss, objective = real(model, x, y)
+        if calls["n"] == 5:
+            last.write_bytes(last.read_bytes()[:100])  # e.g. a disk that filled up under another writer
+            return loss * float("nan"), objective
+        return loss, objective
+
+    monkeypatch.setattr(train_module, "compute_loss", damage_last_then_nan_at_step_5)
+    messages = []
+    result = train(small_config(tmp_path, max_iters=10, checkpoint_interval=2), log=messages.append)
+    assert result.stopped == "nonfinite", result.stopped
+    stop = [m for m in messages if "non-finite loss" in m]
+    assert stop and f"last good checkpoint is {tmp_path / 'run' / 'prev.pt'} (step 2)" in stop[0], messages

@@ -150,12 +150,9 @@ class TransformerLM(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
 
-    def hidden(self, idx: Tensor) -> Tensor:
-        """Final states [B, T, D] before the final LayerNorm."""
-        return self._solution(idx)[0]
-
-    def _solution(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(final states, the embeddings x they were solved from)."""
+    def solution(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(final states [B, T, D] before the final LayerNorm, the embeddings x they were
+        solved from)."""
         x = self.embed(idx)
         if self.is_deq:
             if self.training:
@@ -183,7 +180,7 @@ class TransformerLM(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         """Logits [B, T, V]; with ``targets`` also the mean cross-entropy. A DEQ's training
         forward with targets leaves the penalties of its objective in ``last_penalty``."""
-        z, x = self._solution(idx)
+        z, x = self.solution(idx)
         logits = self.readout(z)
         self.last_penalty = None
         if targets is None:

@@ -135,22 +135,32 @@ class Trainer:
         self.logger: MetricsLogger | None = None
 
     # --- setup ------------------------------------------------------------------------------
+    def _newest_intact_checkpoint(self) -> tuple[dict, Path, Exception | None]:
+        """(checkpoint, its file, what is wrong with last.pt or None): last.pt, or prev.pt when
+        last.pt is damaged or missing. Raises FileNotFoundError when neither file exists and
+        CheckpointError naming both problems when neither loads."""
+        previous = self.out / PREVIOUS
+        if not self.ckpt_path.exists() and not previous.exists():
+            raise FileNotFoundError(f"no checkpoint at {self.ckpt_path} (out_dir={self.cfg.out_dir})")
+        try:
+            return load_checkpoint(self.ckpt_path), self.ckpt_path, None
+        except (CheckpointError, FileNotFoundError) as last_error:
+            try:
+                return load_checkpoint(previous), previous, last_error
+            except (CheckpointError, FileNotFoundError) as previous_error:
+                raise CheckpointError(f"neither checkpoint is usable: {last_error}; {previous_error}") from None
+
     def _load_resume_checkpoint(self) -> tuple[dict, Path]:
         """The checkpoint to resume from and its file: last.pt, or prev.pt when last.pt is damaged."""
         cfg = self.cfg
-        previous = self.out / PREVIOUS
-        if not self.ckpt_path.exists() and not previous.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path} (out_dir={cfg.out_dir})")
-        source = self.ckpt_path
         try:
-            ckpt = load_checkpoint(source)
-        except (CheckpointError, FileNotFoundError) as last_error:
-            source = previous
-            try:
-                ckpt = load_checkpoint(source)
-            except (CheckpointError, FileNotFoundError) as previous_error:
-                raise CheckpointError(f"--resume: neither checkpoint is usable: {last_error}; {previous_error}") from None
-            self.log(f"warning: --resume: {last_error}; resuming from the previous checkpoint {previous} "
+            ckpt, source, last_error = self._newest_intact_checkpoint()
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--resume: {error}") from None
+        except CheckpointError as error:
+            raise CheckpointError(f"--resume: {error}") from None
+        if last_error is not None:
+            self.log(f"warning: --resume: {last_error}; resuming from the previous checkpoint {source} "
                      f"(step {ckpt['step']}) instead")
         changed = [f"{k}: {ckpt['config'][k]!r} -> {getattr(cfg, k)!r}" for k in MODEL_KEYS + DATA_KEYS
                    if ckpt["config"].get(k) != getattr(cfg, k)]
@@ -240,8 +250,11 @@ class Trainer:
         return float(loss_sum) / (cfg.grad_accum * ddp.world)
 
     def _stop_nonfinite(self, what: str, value: float) -> None:
-        last = (f"{self.ckpt_path} (step {load_checkpoint(self.ckpt_path)['step']})"
-                if self.ddp.main and self.ckpt_path.exists() else "none: no checkpoint was written yet")
+        last = "none: no intact checkpoint was written yet"
+        if self.ddp.main:  # the message must not fail on a damaged last.pt: name prev.pt then
+            with contextlib.suppress(CheckpointError, FileNotFoundError):
+                ckpt, source, _ = self._newest_intact_checkpoint()
+                last = f"{source} (step {ckpt['step']})"
         self.log(f"\nnon-finite {what} ({value}) at step {self.step + 1}: training stopped before the "
                  f"optimizer step. The last good checkpoint is {last}. Lower lr, raise warmup_iters, "
                  "or keep the DEQ states in float64 (state_dtype=float64).")
