@@ -67,6 +67,9 @@ def test_adjoint_check_sees_the_float_reversal_drift(tmp_path):
     ("checkpoint_every", "-1", "must be >= 0"),
     ("grad_check_interval", "-2", "must be >= 0"),
     ("inference_solver", "newton", "must be one of anderson, broyden or null"),
+    ("tail_iters", "-1", r"must be in \[0, max_iters=1000\]"),
+    ("tail_iters", "1001", r"must be in \[0, max_iters=1000\]"),
+    ("tail_max_steps", "0", "must be >= 1"),
 ])
 def test_new_config_keys_reject_bad_values(key, value, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -203,9 +206,21 @@ def test_a_checkpoint_from_before_the_block_key_loads_as_the_residual_block(tmp_
     result = train(cfg, log=lambda *a: None)
     payload = load_checkpoint(result.out_dir / "last.pt")
     for key in ("block", "res_reg", "jac_reg", "depth_jitter", "depth_reg", "checkpoint_every", "grad_check_interval",
-                "lr_decay_iters"):
+                "lr_decay_iters", "tail_iters", "tail_max_steps"):
         del payload["config"][key]  # as written before these keys existed
     save_rotating(tmp_path / "old", payload)
     model, _, loaded, _ = load_model(tmp_path / "old" / "last.pt")
     assert loaded.block == "residual" and loaded.res_reg == 0.0, (loaded.block, loaded.res_reg)
     assert not hasattr(model.deq.f, "ln3"), "an old checkpoint must build the block it was trained with"
+
+
+@pytest.mark.parametrize("method,solver_steps", [("reversible", 3), ("broyden", 6)])
+def test_tail_iters_train_the_last_steps_at_tail_max_steps(tmp_path, method, solver_steps):
+    cfg = small_config(tmp_path, method=method, max_steps=2, tol=0.0, max_iters=6, tail_iters=2, tail_max_steps=3,
+                       eval_interval=6, checkpoint_interval=6, log_interval=1)
+    result = train(cfg, log=lambda *a: None)
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["solver_steps"] for r in records if r["kind"] == "train"]
+    before = 2 * 2 if method == "broyden" else 2
+    assert steps == [before] * 4 + [solver_steps] * 2, f"solver steps per training step: {steps}"
+    assert result.model.deq.settings.max_steps == before, "the tail's depth must not outlive the step"

@@ -73,6 +73,8 @@ class LMConfig:
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
     depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
+    tail_iters: int = 0             # DEQ training: the last tail_iters optimizer steps solve at tail_max_steps (0: off)
+    tail_max_steps: int = 16        # DEQ training: the solver steps of those last steps (broyden: 2x, as max_steps)
     checkpoint_every: int = 0       # reversal=float: store the states every this many steps (0: never)
     backend: str | None = None      # kernel backend of the state updates (null: $REVDEQ_BACKEND or auto)
     tie_embeddings: bool = True     # the LM head shares the token-embedding matrix
@@ -133,6 +135,8 @@ class LMConfig:
         # the DEQ-only training terms (an explicit model has no fixed point) are ignored by explicit
         for key in ("depth_jitter", "jac_reg", "res_reg", "depth_reg"):
             need(getattr(self, key) >= 0, key, "must be >= 0 (0: off)")
+        need(0 <= self.tail_iters <= self.max_iters, "tail_iters", f"must be in [0, max_iters={self.max_iters}] (0: off)")
+        need(self.tail_max_steps >= 1, "tail_max_steps", "must be >= 1")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")
         need(self.checkpoint_every == 0 or self.method == "reversible", "checkpoint_every",
              f"applies to method=reversible only (method is {self.method})")

@@ -111,6 +111,11 @@ class TransformerLM(nn.Module):
         finally:
             self.deq.settings = settings
 
+    def training_depth(self, max_steps: int):
+        """Within the block, the DEQ solves at ``max_steps`` in the config's unit (broyden:
+        2 * max_steps Broyden steps) instead of the configured depth."""
+        return self.solver_settings(max_steps=2 * max_steps if self.cfg.method == "broyden" else max_steps)
+
     def _train_depth_solve(self, x: Tensor) -> Tensor:
         """The DEQ at max_steps + k steps, k drawn uniformly from 0..depth_jitter (torch's RNG,
         so a resumed run draws the same k): a model trained at one depth can exploit that

@@ -232,6 +232,15 @@ class Trainer:
         return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.ddp.world
 
     # --- pieces of a step -----------------------------------------------------------------------
+    def _step_depth(self):
+        """The last ``tail_iters`` steps of a DEQ solve at ``tail_max_steps``. A model trained at
+        one depth uses that depth's transient; ending where the solve has nearly converged
+        leaves little transient to use (measured: README, "Why not exactly flat")."""
+        cfg = self.cfg
+        if cfg.tail_iters and self.model.is_deq and self.step >= cfg.max_iters - cfg.tail_iters:
+            return self.model.training_depth(cfg.tail_max_steps)
+        return contextlib.nullcontext()
+
     def _forward_backward(self) -> float:
         """Loss of one optimizer step (mean over micro-batches and ranks), gradients accumulated."""
         cfg, ddp = self.cfg, self.ddp
@@ -240,7 +249,7 @@ class Trainer:
             x, y = (t.to(self.device) for t in self.sampler.next_batch())
             last = micro == cfg.grad_accum - 1
             no_sync = self.wrapped.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()
-            with no_sync:
+            with no_sync, self._step_depth():
                 with autocast_for(cfg, self.device):
                     loss, objective = compute_loss(self.wrapped, x, y)
                 (objective / cfg.grad_accum).backward()
