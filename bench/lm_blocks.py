@@ -5,7 +5,8 @@ it at several solver depths.
                               [--variants name=key:value,key:value;...] [--json out.json]
 
 Each variant trains ``--steps`` optimizer steps of ``--config`` (one thread, in this
-process, one after another, the cosine schedule ending at ``--steps``), then its
+process, one after another, the cosine schedule ending at ``--steps``, without the config's
+deep tail unless a variant sets ``tail_fraction``: it compares blocks), then its
 validation perplexity, relative residual and absolute residual are measured on the same
 ``--windows`` validation windows at every depth of ``--depths`` with ``tol=0``. A DEQ
 worth its name gets no worse, and its residual keeps falling, as the depth grows.
@@ -51,7 +52,7 @@ def measure(config: str, overrides: list[str], steps: int, depths: list[int], wi
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(config, [f"max_iters={steps}", f"eval_interval={steps}", "eval_batches=1", "threads=1",
-                                   "progress=false", "tensorboard=false", f"checkpoint_interval={steps}",
+                                   "tail_fraction=0", "progress=false", "tensorboard=false", f"checkpoint_interval={steps}",
                                    f"out_dir={out}", *overrides])
         result = train(cfg, log=lambda *a, **k: None)
     validation = prepare_data(cfg, log=lambda *a: None)["validation"]

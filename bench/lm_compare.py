@@ -197,8 +197,9 @@ def main() -> int:
     args.user_overrides = list(args.overrides)
     args.seed_list = [cfg.seed + i for i in range(args.seeds)]
     batches = math.ceil(args.eval_windows / cfg.batch_size)
-    common = ["max_iters=" + str(NEVER), f"lr_decay_iters={NEVER}", "progress=false", "tensorboard=false",
-              "threads=1", f"checkpoint_interval={NEVER}", f"eval_interval={args.eval_interval}",
+    # a constant learning rate and no deep tail: the rows differ in their model and adjoint only
+    common = ["max_iters=" + str(NEVER), f"lr_decay_iters={NEVER}", "tail_fraction=0", "progress=false",
+              "tensorboard=false", "threads=1", f"checkpoint_interval={NEVER}", f"eval_interval={args.eval_interval}",
               f"eval_batches={batches}"]
     prepare_data(cfg, log=lambda *a: None)  # download and tokenize outside the timed runs
     lines = header(args)

@@ -67,8 +67,9 @@ def test_adjoint_check_sees_the_float_reversal_drift(tmp_path):
     ("checkpoint_every", "-1", "must be >= 0"),
     ("grad_check_interval", "-2", "must be >= 0"),
     ("inference_solver", "newton", "must be one of anderson, broyden or null"),
-    ("tail_iters", "-1", r"must be in \[0, max_iters=1000\]"),
-    ("tail_iters", "1001", r"must be in \[0, max_iters=1000\]"),
+    ("tail_fraction", "-0.1", r"must be in \[0, 1\]"),
+    ("tail_fraction", "1.5", r"must be in \[0, 1\]"),
+    ("tail_iters", "100", "renamed: use tail_fraction"),
     ("tail_max_steps", "0", "must be >= 1"),
 ])
 def test_new_config_keys_reject_bad_values(key, value, message):
@@ -206,7 +207,7 @@ def test_a_checkpoint_from_before_the_block_key_loads_as_the_residual_block(tmp_
     result = train(cfg, log=lambda *a: None)
     payload = load_checkpoint(result.out_dir / "last.pt")
     for key in ("block", "res_reg", "jac_reg", "depth_jitter", "depth_reg", "checkpoint_every", "grad_check_interval",
-                "lr_decay_iters", "tail_iters", "tail_max_steps"):
+                "lr_decay_iters", "tail_fraction", "tail_max_steps"):
         del payload["config"][key]  # as written before these keys existed
     save_rotating(tmp_path / "old", payload)
     model, _, loaded, _ = load_model(tmp_path / "old" / "last.pt")
@@ -214,9 +215,21 @@ def test_a_checkpoint_from_before_the_block_key_loads_as_the_residual_block(tmp_
     assert not hasattr(model.deq.f, "ln3"), "an old checkpoint must build the block it was trained with"
 
 
+def test_a_checkpoint_with_the_renamed_tail_iters_key_loads_as_its_fraction(tmp_path):
+    from revdeq_kernels.lm.checkpoint import load_checkpoint, load_model, save_rotating
+
+    cfg = small_config(tmp_path, max_iters=4, eval_interval=4, checkpoint_interval=4)
+    payload = load_checkpoint(train(cfg, log=lambda *a: None).out_dir / "last.pt")
+    del payload["config"]["tail_fraction"]
+    payload["config"]["tail_iters"] = 1  # the step count this key held before it became a fraction
+    save_rotating(tmp_path / "old", payload)
+    _, _, loaded, _ = load_model(tmp_path / "old" / "last.pt")
+    assert (loaded.tail_fraction, loaded.tail_iters) == (0.25, 1), (loaded.tail_fraction, loaded.tail_iters)
+
+
 @pytest.mark.parametrize("method,solver_steps", [("reversible", 3), ("broyden", 6)])
-def test_tail_iters_train_the_last_steps_at_tail_max_steps(tmp_path, method, solver_steps):
-    cfg = small_config(tmp_path, method=method, max_steps=2, tol=0.0, max_iters=6, tail_iters=2, tail_max_steps=3,
+def test_tail_fraction_trains_the_last_steps_at_tail_max_steps(tmp_path, method, solver_steps):
+    cfg = small_config(tmp_path, method=method, max_steps=2, tol=0.0, max_iters=6, tail_fraction=0.34, tail_max_steps=3,
                        eval_interval=6, checkpoint_interval=6, log_interval=1)
     result = train(cfg, log=lambda *a: None)
     records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -224,3 +237,9 @@ def test_tail_iters_train_the_last_steps_at_tail_max_steps(tmp_path, method, sol
     before = 2 * 2 if method == "broyden" else 2
     assert steps == [before] * 4 + [solver_steps] * 2, f"solver steps per training step: {steps}"
     assert result.model.deq.settings.max_steps == before, "the tail's depth must not outlive the step"
+
+
+def test_the_training_depth_names_the_tail_that_a_fraction_of_max_iters_gives():
+    assert load_config("tiny").describe_training_depth() == "4 steps, the last 100 of 1000 at 16"
+    assert load_config("tiny", ["max_iters=50"]).describe_training_depth() == "4 steps, the last 5 of 50 at 16"
+    assert load_config("tiny", ["tail_fraction=0"]).describe_training_depth() == "4 steps"

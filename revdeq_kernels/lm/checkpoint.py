@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from .config import LEGACY_VALUES, LMConfig, config_from_dict
+from .config import LMConfig, config_from_dict, upgrade_legacy
 from .io import atomic_path
 from .model import TransformerLM
 from .tokenizer import Tokenizer
@@ -115,8 +115,7 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: the payload does not load ({_first_line(error)})") from None
     if not isinstance(payload, dict) or not {"config", "model", "step"} <= set(payload):
         raise CheckpointError(f"{path}: not a revdeq_kernels LM checkpoint (no config/model/step)")
-    # an older checkpoint lacks the keys added since; it was trained with their old values
-    payload["config"] = {**LEGACY_VALUES, **payload["config"]}
+    payload["config"] = upgrade_legacy(payload["config"])
     return payload
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import CACHE_KINDS, ConfigError, load_config, parse_overrides, preset_names, valid_keys
+from .config import CACHE_KINDS, ConfigError, config_from_dict, load_config, parse_overrides, preset_names, valid_keys
 from .sources import DataUnavailable
 from .tokenizer import TokenizerUnavailable
 
@@ -128,7 +128,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.plot:
             from .metrics import plot_depths
 
-            print(f"plot: {plot_depths(by_depth, args.plot, f'{args.checkpoint} ({args.split}), trained at {cfg.max_steps} steps')}")
+            trained = config_from_dict(ckpt["config"], f"checkpoint {args.checkpoint}").describe_training_depth()
+            print(f"plot: {plot_depths(by_depth, args.plot, f'{args.checkpoint} ({args.split}), trained at {trained}')}")
     if args.json:
         from .io import atomic_write_text
 

@@ -35,6 +35,16 @@ MODEL_KEYS = ("vocab_size", "seq_len", "d_model", "n_heads", "mlp_ratio", "block
               "tie_embeddings")
 # Keys added after checkpoints existed, with the value those checkpoints were trained with.
 LEGACY_VALUES = {"block": "residual", "res_reg": 0.0}
+
+
+def upgrade_legacy(values: dict) -> dict:
+    """A checkpoint's config in today's keys: keys added since take the value it was trained
+    with, and ``tail_iters`` (a step count, before it became ``tail_fraction``) is converted."""
+    values = {**LEGACY_VALUES, **values}
+    if "tail_iters" in values:
+        steps, total = values.pop("tail_iters"), values.get("max_iters", 0)
+        values["tail_fraction"] = steps / total if total else 0.0
+    return values
 DATA_KEYS = ("dataset", "data_files", "tokenizer", "val_fraction", "test_fraction", "split_seed")
 
 
@@ -73,7 +83,7 @@ class LMConfig:
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
     depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
-    tail_iters: int = 0             # DEQ training: the last tail_iters optimizer steps solve at tail_max_steps (0: off)
+    tail_fraction: float = 0.0      # DEQ training: the last tail_fraction of the max_iters steps solve at tail_max_steps (0: off)
     tail_max_steps: int = 16        # DEQ training: the solver steps of those last steps (broyden: 2x, as max_steps)
     checkpoint_every: int = 0       # reversal=float: store the states every this many steps (0: never)
     backend: str | None = None      # kernel backend of the state updates (null: $REVDEQ_BACKEND or auto)
@@ -135,7 +145,7 @@ class LMConfig:
         # the DEQ-only training terms (an explicit model has no fixed point) are ignored by explicit
         for key in ("depth_jitter", "jac_reg", "res_reg", "depth_reg"):
             need(getattr(self, key) >= 0, key, "must be >= 0 (0: off)")
-        need(0 <= self.tail_iters <= self.max_iters, "tail_iters", f"must be in [0, max_iters={self.max_iters}] (0: off)")
+        need(0.0 <= self.tail_fraction <= 1.0, "tail_fraction", "must be in [0, 1] (0: off)")
         need(self.tail_max_steps >= 1, "tail_max_steps", "must be >= 1")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")
         need(self.checkpoint_every == 0 or self.method == "reversible", "checkpoint_every",
@@ -180,6 +190,17 @@ class LMConfig:
         return int(self.mlp_ratio * self.d_model)
 
     @property
+    def tail_iters(self) -> int:
+        """How many of the last optimizer steps solve at ``tail_max_steps``: a fraction, so that
+        a shortened run (``max_iters=50``) keeps a proportionate tail."""
+        return round(self.tail_fraction * self.max_iters)
+
+    def describe_training_depth(self) -> str:
+        """The solver depth training used, for plots and reports: "4 steps, the last 100 of 1000 at 16"."""
+        tail = f", the last {self.tail_iters} of {self.max_iters} at {self.tail_max_steps}" if self.tail_iters else ""
+        return f"{self.max_steps} steps{tail}"
+
+    @property
     def cache_dir(self) -> Path:
         root = self.data_dir or os.environ.get("REVDEQ_CACHE_DIR") or "~/.cache/revdeq_kernels"
         return Path(root).expanduser()
@@ -199,10 +220,16 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+# Keys that were renamed: what to write instead.
+RENAMED_KEYS = {"tail_iters": "tail_fraction, a share of max_iters: tail_iters=100 with max_iters=1000 is "
+                              "tail_fraction=0.1"}
+
+
 def _check_key(key: str, where: str) -> None:
     if key not in _TYPES:
         close = difflib.get_close_matches(key, valid_keys(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = f" (renamed: use {RENAMED_KEYS[key]})" if key in RENAMED_KEYS else \
+            f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r} in {where}{hint}. Valid keys: {', '.join(valid_keys())}")
 
 

@@ -233,7 +233,7 @@ class Trainer:
 
     # --- pieces of a step -----------------------------------------------------------------------
     def _step_depth(self):
-        """The last ``tail_iters`` steps of a DEQ solve at ``tail_max_steps``. A model trained at
+        """The last ``tail_fraction`` of a DEQ's steps solve at ``tail_max_steps``. A model trained at
         one depth uses that depth's transient; ending where the solve has nearly converged
         leaves little transient to use (measured: README, "Why not exactly flat")."""
         cfg = self.cfg
