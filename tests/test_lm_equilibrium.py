@@ -101,9 +101,10 @@ def test_checkpoint_every_selects_the_checkpointed_float_reversal():
 def test_default_block_converges_and_more_steps_do_not_hurt(tmp_path):
     """The default model is an equilibrium: trained for a few dozen steps at N solver steps,
     its residual keeps falling at 2N and 4N, and evaluating deeper is not worse."""
-    defaults = LMConfig()
+    defaults = load_config("tiny")  # the shipped preset: its block, penalties and deep tail
     cfg = small_config(tmp_path, block=defaults.block, res_reg=defaults.res_reg, depth_reg=defaults.depth_reg,
-                       depth_jitter=defaults.depth_jitter,
+                       depth_jitter=defaults.depth_jitter, tail_fraction=defaults.tail_fraction,
+                       tail_max_steps=defaults.tail_max_steps,
                        max_steps=4, beta=0.8, max_iters=60, eval_interval=60, checkpoint_interval=60,
                        lr=1e-2, min_lr=1e-3, warmup_iters=5)
     result = train(cfg, log=lambda *a: None)
