@@ -35,6 +35,10 @@ MODEL_KEYS = ("vocab_size", "seq_len", "d_model", "n_heads", "mlp_ratio", "block
               "tie_embeddings")
 # Keys added after checkpoints existed, with the value those checkpoints were trained with.
 LEGACY_VALUES = {"block": "residual", "res_reg": 0.0}
+# Keys that were renamed: what to write instead.
+RENAMED_KEYS = {"tail_iters": "tail_fraction, a share of max_iters: tail_iters=100 with max_iters=1000 is "
+                              "tail_fraction=0.1"}
+DATA_KEYS = ("dataset", "data_files", "tokenizer", "val_fraction", "test_fraction", "split_seed")
 
 
 def upgrade_legacy(values: dict) -> dict:
@@ -45,7 +49,6 @@ def upgrade_legacy(values: dict) -> dict:
         steps, total = values.pop("tail_iters"), values.get("max_iters", 0)
         values["tail_fraction"] = steps / total if total else 0.0
     return values
-DATA_KEYS = ("dataset", "data_files", "tokenizer", "val_fraction", "test_fraction", "split_seed")
 
 
 def broyden_settings(cfg: "LMConfig") -> dict:
@@ -218,11 +221,6 @@ def valid_keys() -> list[str]:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-# Keys that were renamed: what to write instead.
-RENAMED_KEYS = {"tail_iters": "tail_fraction, a share of max_iters: tail_iters=100 with max_iters=1000 is "
-                              "tail_fraction=0.1"}
 
 
 def _check_key(key: str, where: str) -> None:

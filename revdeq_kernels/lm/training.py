@@ -235,7 +235,7 @@ class Trainer:
     def _step_depth(self):
         """The last ``tail_fraction`` of a DEQ's steps solve at ``tail_max_steps``. A model trained at
         one depth uses that depth's transient; ending where the solve has nearly converged
-        leaves little transient to use (measured: README, "Why not exactly flat")."""
+        leaves little transient to use (measured: README, "Why training ends deep")."""
         cfg = self.cfg
         if cfg.tail_iters and self.model.is_deq and self.step >= cfg.max_iters - cfg.tail_iters:
             return self.model.training_depth(cfg.tail_max_steps)
