@@ -119,8 +119,8 @@ def test_default_block_converges_and_more_steps_do_not_hurt(tmp_path):
     assert relative[0] > relative[1] > relative[2], f"relative residual at 4, 8, 16 steps: {relative}: not falling"
     assert absolute[0] > 10 * absolute[1] > 100 * absolute[2], (
         f"absolute residual at 4, 8, 16 steps: {absolute}: not falling 10x per doubling (measured 100x)")
-    # Margin: 1% of the loss (measured: equal to 4 digits)
-    assert loss[1] <= loss[0] * 1.01 and loss[2] <= loss[0] * 1.01, f"val loss at 4, 8, 16 steps: {loss}"
+    # Margin: 0.1% of the loss (measured here: +0.0003%; the main job from 16 to 64 steps: +0.003%)
+    assert loss[1] <= loss[0] * 1.001 and loss[2] <= loss[0] * 1.001, f"val loss at 4, 8, 16 steps: {loss}"
 
 
 def test_residual_penalty_is_the_squared_relative_residual_the_solver_reports():
