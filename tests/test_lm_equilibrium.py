@@ -244,3 +244,14 @@ def test_the_training_depth_names_the_tail_that_a_fraction_of_max_iters_gives():
     assert load_config("tiny").describe_training_depth() == "4 steps, the last 100 of 1000 at 16"
     assert load_config("tiny", ["max_iters=50"]).describe_training_depth() == "4 steps, the last 5 of 50 at 16"
     assert load_config("tiny", ["tail_fraction=0"]).describe_training_depth() == "4 steps"
+
+
+def test_under_a_time_budget_the_tail_is_the_last_share_of_the_training_time(tmp_path):
+    cfg = small_config(tmp_path, max_steps=2, tol=0.0, max_iters=100_000, time_budget_s=2.0, tail_fraction=0.5,
+                       tail_max_steps=3, eval_interval=100_000, checkpoint_interval=100_000, log_interval=1)
+    result = train(cfg, log=lambda *a: None)
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["solver_steps"] for r in records if r["kind"] == "train"]
+    assert result.stopped == "time_budget", result.stopped
+    # the step count alone would never reach a tail 50,000 steps away
+    assert steps[0] == 2 and steps[-1] == 3 and steps == sorted(steps), f"solver steps per training step: {steps}"

@@ -233,11 +233,14 @@ class Trainer:
 
     # --- pieces of a step -----------------------------------------------------------------------
     def _step_depth(self):
-        """The last ``tail_fraction`` of a DEQ's steps solve at ``tail_max_steps``. A model trained at
-        one depth uses that depth's transient; ending where the solve has nearly converged
+        """The last ``tail_fraction`` of a DEQ's run, counted in steps or, under a time budget,
+        in training time (whichever comes first), solves at ``tail_max_steps``. A model trained
+        at one depth uses that depth's transient; ending where the solve has nearly converged
         leaves little transient to use (measured: README, "Why training ends deep")."""
         cfg = self.cfg
-        if cfg.tail_iters and self.model.is_deq and self.step >= cfg.max_iters - cfg.tail_iters:
+        if not (cfg.tail_fraction and self.model.is_deq):
+            return contextlib.nullcontext()
+        if self.step >= cfg.max_iters - cfg.tail_iters or self._budget_spent(1.0 - cfg.tail_fraction):
             return self.model.training_depth(cfg.tail_max_steps)
         return contextlib.nullcontext()
 
@@ -314,9 +317,10 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return float(value)
 
-    def _over_budget(self) -> bool:
-        """Whether the time budget is spent, decided together so that all ranks stop at one step."""
-        over = bool(self.cfg.time_budget_s) and self.train_seconds >= self.cfg.time_budget_s
+    def _budget_spent(self, share: float = 1.0) -> bool:
+        """Whether ``share`` of the time budget is spent, decided together so that all ranks
+        stop (or deepen their solves) at one step."""
+        over = bool(self.cfg.time_budget_s) and self.train_seconds >= share * self.cfg.time_budget_s
         if self.cfg.time_budget_s and self.ddp.world > 1:
             flag = torch.tensor(float(over), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -332,7 +336,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_iters, initial=self.step, desc=f"train {cfg.method}", dynamic_ncols=True)
-        stopped = "time_budget" if self.step < cfg.max_iters and self._over_budget() else "done"
+        stopped = "time_budget" if self.step < cfg.max_iters and self._budget_spent() else "done"
         first_step = self.step
         self.model.train()
         try:
@@ -360,7 +364,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
                 self._report(bar, loss, lr, grad_norm, dt)
-                if self._over_budget():
+                if self._budget_spent():
                     stopped = "time_budget"
                 at_end = self.step == cfg.max_iters or stopped == "time_budget"
                 if cfg.grad_check_interval and (self.step % cfg.grad_check_interval == 0 or at_end):
