@@ -86,7 +86,7 @@ class LMConfig:
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
     depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
-    tail_fraction: float = 0.0      # DEQ training: the last tail_fraction of the max_iters steps solve at tail_max_steps (0: off)
+    tail_fraction: float = 0.0      # DEQ training: the last tail_fraction of the steps (or of time_budget_s) solve at tail_max_steps (0: off)
     tail_max_steps: int = 16        # DEQ training: the solver steps of those last steps (broyden: 2x, as max_steps)
     checkpoint_every: int = 0       # reversal=float: store the states every this many steps (0: never)
     backend: str | None = None      # kernel backend of the state updates (null: $REVDEQ_BACKEND or auto)

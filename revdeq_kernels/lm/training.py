@@ -248,15 +248,16 @@ class Trainer:
         """Loss of one optimizer step (mean over micro-batches and ranks), gradients accumulated."""
         cfg, ddp = self.cfg, self.ddp
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for micro in range(cfg.grad_accum):
-            x, y = (t.to(self.device) for t in self.sampler.next_batch())
-            last = micro == cfg.grad_accum - 1
-            no_sync = self.wrapped.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()
-            with no_sync, self._step_depth():
-                with autocast_for(cfg, self.device):
-                    loss, objective = compute_loss(self.wrapped, x, y)
-                (objective / cfg.grad_accum).backward()
-            loss_sum += loss.detach().double()
+        with self._step_depth():  # decided once per step: under DDP it is a collective
+            for micro in range(cfg.grad_accum):
+                x, y = (t.to(self.device) for t in self.sampler.next_batch())
+                last = micro == cfg.grad_accum - 1
+                no_sync = self.wrapped.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()
+                with no_sync:
+                    with autocast_for(cfg, self.device):
+                        loss, objective = compute_loss(self.wrapped, x, y)
+                    (objective / cfg.grad_accum).backward()
+                loss_sum += loss.detach().double()
         if ddp.world > 1:
             dist.all_reduce(loss_sum)  # a NaN on any rank reaches every rank: all stop together
         return float(loss_sum) / (cfg.grad_accum * ddp.world)
