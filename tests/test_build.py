@@ -14,12 +14,13 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from revdeq_kernels.ops import SCHEMAS
+from revdeq_kernels.ops import SCHEMAS, dispatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,3 +135,41 @@ def test_default_isa_kernels_match_reference():
     assert done.returncode == 0, (
         f"the DEFAULT-ISA check failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
     assert "DEFAULT kernels match the reference" in done.stdout, done.stdout
+
+
+def numpy_converts_one_element_arrays() -> bool:
+    import numpy as np
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            int(np.ones(1))
+        except TypeError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("version, before_the_fix", [("3.5.1", True), ("3.6.0", True), ("3.7.0", False),
+                                                    ("3.8.0+git4f2e1c", False), ("3.10.0", False)])
+def test_the_triton_interpreter_defect_is_reported_only_where_it_bites(version, before_the_fix):
+    # triton < 3.7 under a numpy that refuses int() of a one-element array: the row sums'
+    # loop bounds fail inside the interpreter (seen with torch 2.11's triton 3.6, numpy 2.4)
+    bites = before_the_fix and not numpy_converts_one_element_arrays()
+    defect = dispatch.interpreter_defect(version)
+    assert (defect is not None) == bites, f"triton {version}: interpreter_defect said {defect!r}"
+    if bites:
+        assert f"triton {version}" in defect and "triton>=3.7" in defect, defect
+
+
+def test_a_defective_triton_interpreter_makes_the_backend_unavailable_with_its_reason(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "interpreter_defect", lambda version: f"triton {version} is broken here")
+    dispatch._probe_backends.cache_clear()
+    try:
+        info = dispatch.backends()["triton"]
+        assert not info.available and "is broken here" in info.reason, str(info)
+        with pytest.raises(RuntimeError, match="backend 'triton' is unavailable: triton .* is broken here"):
+            dispatch.resolve_backend("triton", "cpu")
+    finally:
+        monkeypatch.undo()
+        dispatch._probe_backends.cache_clear()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -83,11 +84,40 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_defect(triton_version: str) -> str | None:
+    """Why the Triton interpreter of ``triton_version`` cannot run these kernels, or None.
+
+    The row-sum kernels loop over column bounds computed from the program id. Before 3.7,
+    the interpreter turns a loop bound into an int with ``int()`` of a one-element array,
+    which recent NumPy refuses (older NumPy only warns); 3.7 squeezes the array first.
+    Without this check the backend would look available and fail inside the interpreter."""
+    release = tuple(int(part) for part in re.findall(r"\d+", triton_version)[:2])
+    if release >= (3, 7):
+        return None
+    try:
+        import numpy as np
+    except ImportError as error:
+        return f"the Triton interpreter needs numpy: {error}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            int(np.ones(1))
+        except TypeError:
+            return (f"the interpreter of triton {triton_version} cannot run these kernels under numpy "
+                    f"{np.__version__} (it calls int() on a one-element array, fixed in triton 3.7); "
+                    "install triton>=3.7 (or a numpy that still converts it)")
+    return None
+
+
 def _triton_info() -> BackendInfo:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as error:
         return BackendInfo("triton", False, f"triton is not installed: {error}")
+    # The interpreter runs every kernel when it is on, CUDA tensors included.
+    defect = interpreter_defect(triton.__version__) if triton_interpreted() else None
+    if defect:
+        return BackendInfo("triton", False, defect)
     if torch.cuda.is_available():
         return BackendInfo("triton", True, "CUDA tensors" + (
             " and CPU tensors (TRITON_INTERPRET=1)" if triton_interpreted() else ""))
