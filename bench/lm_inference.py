@@ -9,7 +9,9 @@ Per row: the steps and block evaluations a solve of ``--windows`` validation win
 to meet ``tol`` and its residual; the cache kind ``auto`` chose; the equilibrium cache's
 max |p_cached - p_full| over those windows (prompt 16 tokens, then one decode step per
 token); and tokens/s of ``generate`` from "ROMEO:" (``--new-tokens``, seed 0, top-k 50),
-cached and by full recomputation, ``--repeats`` runs each, on one thread.
+cached and by full recomputation, ``--repeats`` runs each, on one thread; and, from one
+more cached run, the solver steps and block evaluations per solve (the prompt's, then one
+per generated token).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def measure(checkpoint: str, solver: str, max_steps: int, tol: float, windows: i
     sampling = dict(temperature=1.0, top_k=50, seed=0)
     cached = [generate(model, prompt, new_tokens, **sampling) for _ in range(repeats)]
     full = [generate(model, prompt, new_tokens, use_cache=False, **sampling) for _ in range(repeats)]
+    evaluations = []  # counted apart from the timed runs
+    hook = (model.deq.f if model.is_deq else model.blocks[0]).register_forward_hook(lambda *a: evaluations.append(1))
+    counted = generate(model, prompt, new_tokens, **sampling)
+    hook.remove()
     with torch.no_grad():
         model(ids)
     stats = model.last_stats
@@ -44,7 +50,8 @@ def measure(checkpoint: str, solver: str, max_steps: int, tol: float, windows: i
                 parity_equilibrium=parity, cached_tokens_per_s=[round(g.tokens_per_s, 1) for g in cached],
                 full_tokens_per_s=[round(g.tokens_per_s, 1) for g in full],
                 same_tokens=all(torch.equal(c.ids, f.ids) for c, f in zip(cached, full)),
-                decode_steps_mean=sum(cached[0].solver_steps) / max(len(cached[0].solver_steps), 1))
+                decode_steps_mean=sum(counted.solver_steps) / max(len(counted.solver_steps), 1),
+                decode_evals_mean=len(evaluations) / max(len(counted.solver_steps), 1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from revdeq_kernels.lm import TransformerLM, cache_parity, generate, sample_token, train
+from revdeq_kernels.lm.block import CachedSolveBlock
 from revdeq_kernels.lm.cli import eval_main, generate_main
 from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
 from tests.test_lm_model import model_config
@@ -137,10 +138,7 @@ def test_inference_solver_reaches_the_same_fixed_point_in_fewer_evaluations():
     with torch.no_grad():
         reference = model(ids)
     iteration_evals = model.last_stats.nfe_forward
-    torch.manual_seed(0)
-    anderson = TransformerLM(model_config(block="anchored", seq_len=24, max_steps=30, tol=1e-10,
-                                          inference_solver="anderson")).double().eval()
-    anderson.load_state_dict(model.state_dict())
+    anderson = anderson_model()
     with torch.no_grad():
         logits = anderson(ids)
     stats = anderson.last_stats
@@ -157,6 +155,51 @@ def test_inference_solver_reaches_the_same_fixed_point_in_fewer_evaluations():
     with torch.no_grad():
         anderson(ids)
     assert anderson.last_stats.nfe_forward == iteration_evals, (anderson.last_stats.nfe_forward, iteration_evals)
+
+
+def anderson_model() -> TransformerLM:
+    torch.manual_seed(0)
+    model = TransformerLM(model_config(block="anchored", seq_len=24, max_steps=30, tol=1e-10,
+                                       inference_solver="anderson")).double().eval()
+    model.load_state_dict(converged_model().state_dict())
+    return model
+
+
+def test_anderson_decoding_evaluates_f_only_inside_its_solve():
+    # Anderson returns the state it evaluated last, so the equilibrium cache takes that
+    # evaluation's keys/values: no evaluation beyond the solve's (one per token before)
+    model, ids, calls = anderson_model(), torch.randint(0, 50, (2, 24)), []
+    hook = model.deq.f.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        _, caches = model.prefill(ids[:, :5])
+        counts = [(len(calls), model.last_stats.nfe_forward)]
+        for t in range(5, 8):
+            calls.clear()
+            model.decode_step(ids[:, t], caches)
+            counts.append((len(calls), model.last_stats.nfe_forward))
+    finally:
+        hook.remove()
+    assert all(evaluated == solved for evaluated, solved in counts), f"(evaluations of f, the solve's): {counts}"
+
+
+def test_a_solve_that_ends_off_its_last_evaluation_caches_the_returned_states_keys(monkeypatch):
+    # Broyden keeps its previous state where it rejects the last step: the returned state was
+    # not the last one evaluated, and its keys/values must be the ones cached
+    model, ids = anderson_model(), torch.randint(0, 50, (2, 6))
+    returned = {}
+
+    def ends_elsewhere(f, x):
+        f(torch.zeros_like(x), x)
+        returned["z"] = torch.randn_like(x)
+        return returned["z"]
+
+    monkeypatch.setattr(model, "_solve_accelerated", ends_elsewhere)
+    _, caches = model.prefill(ids)
+    expected = CachedSolveBlock(model.deq.f, None)
+    expected(returned["z"], model.embed(ids))
+    k, v = expected.recorded[-1]
+    assert torch.equal(caches[0].k[0, :, :, :6], k) and torch.equal(caches[0].v[0, :, :, :6], v), (
+        "the cache holds the keys/values of a state the solve did not return")
 
 
 def test_cache_kind_errors():
@@ -185,3 +228,6 @@ def test_inference_bench_compares_the_solvers_on_a_checkpoint(tmp_path):
     # the iteration evaluates the block 1 + 2 * steps times, Anderson once per step
     assert rows[0]["window_evals"] == 1 + 2 * rows[0]["window_steps"], rows[0]
     assert rows[1]["window_evals"] <= 2 * 20 + 1, rows[1]
+    # ... and so does generation: no evaluation beyond the solves'
+    assert rows[0]["decode_evals_mean"] == pytest.approx(1 + 2 * rows[0]["decode_steps_mean"]), rows[0]
+    assert rows[1]["decode_evals_mean"] == pytest.approx(1 + rows[1]["decode_steps_mean"]), rows[1]

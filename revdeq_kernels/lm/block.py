@@ -220,13 +220,16 @@ class CachedSolveBlock(nn.Module):
 
     The core evaluates f in a documented order: z_0, then y_1, z_1, y_2, z_2, ...; call l
     is evaluation l. It attends to level l of ``cache`` (nothing when there is none yet)
-    and its own keys/values are collected in ``recorded[l]`` for the cache."""
+    and its own keys/values are collected in ``recorded[l]`` for the cache. ``last_input``
+    is the state of the last evaluation, whose keys/values are ``recorded[-1]``."""
 
     def __init__(self, block: Block, cache: KVCache | None):
         super().__init__()
         self.block, self.cache = block, cache
         self.recorded: list[tuple[Tensor, Tensor]] = []
+        self.last_input: Tensor | None = None
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        self.last_input = z
         past = self.cache.view(len(self.recorded)) if self.cache is not None and self.cache.length else None
         return self.block(z, x, past, self.recorded)

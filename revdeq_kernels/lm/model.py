@@ -260,11 +260,12 @@ class TransformerLM(nn.Module):
     def _solve(self, f: CachedSolveBlock, x: Tensor) -> Tensor:
         if self.accelerated_solver:
             z = self._solve_accelerated(f, x)
-            # The equilibrium cache keeps the keys/values of the returned state, and the last
-            # evaluation can be of another state (Broyden's rejected step, Anderson's mixing):
-            # evaluate the returned state once more.
-            f.recorded.clear()
-            f(z, x)
+            # The equilibrium cache keeps the keys/values of the returned state. Anderson
+            # returns the state it evaluated last; Broyden keeps its previous state where it
+            # rejected the last step, and only then is the returned state evaluated again.
+            if not torch.equal(f.last_input, z):
+                f.recorded.clear()
+                f(z, x)
             return z
         solution = rk.solve(f, x, settings=self.inference_settings(), on_nonfinite="raise")
         self.last_stats = solution.stats
