@@ -7,7 +7,8 @@ One prepared run that proves the CUDA and Triton paths on a lent GPU, in order:
   2. tests    the parity suite on cuda tensors (REVDEQ_TEST_DEVICES=cuda: the cuda, triton
               and torch backends): test_ops, test_ops_contracts, test_reversible, test_triton
               (its GPU half), test_triton_build (the sm_90 PTX checks, on this triton),
-              test_exact_ops, test_exact_reversal; every file must run tests
+              test_exact_ops, test_exact_reversal; every file must run tests; Triton untuned
+              (REVDEQ_TRITON_AUTOTUNE=0: each kernel's first config; its tuning has tests of its own)
      sanitize compute-sanitizer --tool memcheck over bench/odd_views.py, every op on odd
               sizes and misaligned and strided views, per backend (cuda, triton), with the
               caching allocator off so each tensor is its own allocation; skipped with the
@@ -66,6 +67,11 @@ TIME_TARGET = 1.35         # reversible step time / unrolled, equal N
 MEMORY_TARGET = 1.1        # reversible step memory at N=16 / at N=2
 MIN_STAGE_S = 20.0
 AFTER_BUILD = ("tests", "sanitize", "ops", "e2e", "train")
+# The correctness stages run each Triton kernel's first config untuned: tuning the ~530
+# size-bucket/dtype keys of the parity files benchmarks 3-4 configs of each for >= 125 ms
+# apiece (do_bench's defaults), ~230 s of the tests stage's 240, before compiling every
+# config. ops, e2e and train tune.
+UNTUNED = {"REVDEQ_TRITON_AUTOTUNE": "0"}
 
 
 @dataclass
@@ -189,7 +195,7 @@ class Check:
             command += ["-k", SMOKE_TESTS]
         elif self.args.test_jobs > 1 and _importable("xdist"):
             command += ["-n", str(self.args.test_jobs)]
-        stage, text = self.run("tests", command, 240)
+        stage, text = self.run("tests", command, 240, self.env | UNTUNED)
         # the build check compiles wherever triton imports, even when the backend cannot run
         exempt = [] if self.triton else ["tests/test_triton.py"] + (
             [] if _importable("triton") else ["tests/test_triton_build.py"])
@@ -205,16 +211,15 @@ class Check:
             if backend == "triton" and not self.triton:
                 self.stages.append(Stage("odd views triton", "skipped", result=self.triton_unavailable[:160]))
                 continue
-            script = self.python(HERE / "odd_views.py", "--device", self.device, "--backends", backend,
-                                 "--triton-one-config")
+            script = self.python(HERE / "odd_views.py", "--device", self.device, "--backends", backend)
             if self.smoke:
-                stage, text = self.run(f"odd views {backend}", script, 120)
+                stage, text = self.run(f"odd views {backend}", script, 120, self.env | UNTUNED)
             else:
                 sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
                 if not os.access(sanitizer, os.X_OK):
                     self.stages.append(Stage(f"memcheck {backend}", "skipped", result="no compute-sanitizer"))
                     continue
-                env = self.env | dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+                env = self.env | UNTUNED | dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
                 stage, text = self.run(f"memcheck {backend}", [sanitizer, "--tool", "memcheck", "--error-exitcode",
                                                                "86", "--report-api-errors", "no", *script], 150, env)
                 refused = re.search(r"(Device not supported|not supported on this device|Unable to find|"

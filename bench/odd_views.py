@@ -6,7 +6,8 @@ are not multiples of any vector width or block, the written tensors start one el
 into their buffer (so 16-byte vector paths must not be taken), and the read-only tensors
 are also passed as transposed and every-other-element views. A kernel that reads or
 writes past a tail, or vectorises a misaligned pointer, is reported by the sanitizer; a
-wrong result is reported here. Exit 1 on any mismatch.
+wrong result is reported here. Exit 1 on any mismatch. Under the sanitizer, set
+REVDEQ_TRITON_AUTOTUNE=0 (gpu_check does): tuning each size bucket and dtype there takes minutes.
 """
 
 from __future__ import annotations
@@ -147,24 +148,10 @@ def _exact_cases(shape, f_dtype, device, g):
             yield f"{name} {layout}", lambda b, n=name, fv=fv: run(n, b, fv)
 
 
-def one_config() -> None:
-    """Swap the Triton backend's tuned launchers for single-config ones (the launchers look
-    these module globals up at every call). Under the interpreter there is one config already."""
-    from revdeq_kernels.ops import triton_exact as te, triton_ops as tk
-
-    if not tk.INTERPRETED:
-        first = (tk.GPU_ELEMENTWISE_CONFIGS[:1], tk.GPU_ROW_CONFIGS[:1], tk.GPU_ROW_CHUNK)
-        tk.DEFAULT_KERNELS = tk.build_kernels(*first)
-        te.DEFAULT_EXACT_KERNELS = te.build_exact_kernels(*first)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", default=None, help="comma-separated (default: every one available)")
-    parser.add_argument("--triton-one-config", action="store_true",
-                        help="the Triton kernels with their first GPU config only: no tuning runs, which under "
-                             "the sanitizer would take minutes (one per size bucket and dtype)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = args.backends.split(",") if args.backends else list(ops.BACKENDS)
@@ -178,8 +165,6 @@ def main(argv=None) -> int:
     if not backends:
         print(f"no backend to check on {device}", file=sys.stderr)
         return 1
-    if args.triton_one_config and "triton" in backends:
-        one_config()
     g = torch.Generator(device=device).manual_seed(0)
     calls, failures = 0, []
     for shape in SHAPES:

@@ -162,3 +162,19 @@ def test_odd_views_mismatch_catches_one_bad_element_and_a_nan():
     ints = torch.arange(6)
     assert odd.mismatch("digits", ints + (ints == 5), ints, odd.BITS) is not None
     assert odd.mismatch("digits", ints.clone(), ints, odd.BITS) is None
+
+
+def test_the_correctness_stages_run_triton_untuned_and_the_timed_ones_tune(tmp_path, monkeypatch):
+    gpu_check, check = _check(tmp_path, smoke=False)
+    seen = {}
+
+    def record(name, command, limit, env=None):
+        seen[name] = (env or check.env).get("REVDEQ_TRITON_AUTOTUNE")
+        stage = gpu_check.Stage(name, "passed")
+        check.stages.append(stage)
+        return stage, ""
+
+    monkeypatch.setattr(check, "run", record)
+    check.tests()
+    check.ops()
+    assert seen == {"tests": "0", "ops": None}, seen

@@ -272,6 +272,26 @@ def _float32_rounding_cases() -> torch.Tensor:
     return values[values != 0]  # 0 * state + (-0.0) is +0.0 in any backend; not a rounding case
 
 
+@pytest.mark.parametrize("value, tuned", [("1", True), ("0", False), (None, True)])
+def test_the_autotune_switch_keeps_every_gpu_config_or_the_first(monkeypatch, value, tuned):
+    monkeypatch.setattr(tk, "INTERPRETED", False)
+    if value is None:
+        monkeypatch.delenv(tk.ENV_AUTOTUNE, raising=False)
+    else:
+        monkeypatch.setenv(tk.ENV_AUTOTUNE, value)
+    elementwise, rows, chunk = tk.default_configs()
+    want = (tk.GPU_ELEMENTWISE_CONFIGS, tk.GPU_ROW_CONFIGS) if tuned else (
+        tk.GPU_ELEMENTWISE_CONFIGS[:1], tk.GPU_ROW_CONFIGS[:1])
+    assert (elementwise, rows, chunk) == (*want, tk.GPU_ROW_CHUNK), f"{tk.ENV_AUTOTUNE}={value}: {elementwise}, {rows}"
+
+
+def test_a_bad_autotune_switch_names_the_variable(monkeypatch):
+    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setenv(tk.ENV_AUTOTUNE, "yes")
+    with pytest.raises(ValueError, match="REVDEQ_TRITON_AUTOTUNE='yes': must be 1 .* or 0"):
+        tk.default_configs()
+
+
 def test_bfloat16_stores_round_to_nearest_even():
     """Triton's interpreter truncates float32 -> bfloat16; the kernels round by hand."""
     f = _float32_rounding_cases().to(DEVICE)

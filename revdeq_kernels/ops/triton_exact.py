@@ -47,11 +47,7 @@ from . import _library
 from . import triton_ops as _float_ops
 from .checks import check_aliasing, check_exact, check_read
 from .triton_kernels import sum_partials_kernel
-from .triton_ops import (
-    GPU_ELEMENTWISE_CONFIGS, GPU_ROW_CHUNK, GPU_ROW_CONFIGS, INTERPRETED, INTERPRETER_CONFIG,
-    INTERPRETER_ROW_CHUNK, INTERPRETER_ROW_CONFIG, PARTIALS_BLOCK, _bucket, _check_device,
-    _device_guard, _row_tile, tuned,
-)
+from .triton_ops import PARTIALS_BLOCK, _bucket, _check_device, _device_guard, _row_tile, default_configs, tuned
 
 # (|n|, d) pairs whose divisors are compiled in as constants (besides every power-of-two d).
 SPECIALISED_RATIOS = frozenset({(1, 2), (1, 4), (3, 4), (1, 5), (4, 5), (1, 10)})
@@ -261,11 +257,7 @@ def build_exact_kernels(elementwise_configs, row_configs, row_chunk: int, *,
     )
 
 
-if INTERPRETED:
-    DEFAULT_EXACT_KERNELS = build_exact_kernels([INTERPRETER_CONFIG], [INTERPRETER_ROW_CONFIG],
-                                                INTERPRETER_ROW_CHUNK)
-else:
-    DEFAULT_EXACT_KERNELS = build_exact_kernels(GPU_ELEMENTWISE_CONFIGS, GPU_ROW_CONFIGS, GPU_ROW_CHUNK)
+DEFAULT_EXACT_KERNELS = build_exact_kernels(*default_configs())
 
 
 def ratio_constants(numerator: int, denominator: int) -> dict:

@@ -10,11 +10,13 @@ snapshots them before each trial and restores them after, and only the final lau
 the chosen config changes the data (``tests/test_triton.py`` checks this with several
 configs under the interpreter). Under the interpreter a single config runs: tuning there
 is slow and meaningless, and large blocks keep the interpreter's per-program cost low.
+``REVDEQ_TRITON_AUTOTUNE=0`` runs the first GPU config untuned (see ``default_configs``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK": 8192}, num_warps=1)
 INTERPRETER_ROW_CONFIG = triton.Config({"TILE": 8192}, num_warps=1)
 INTERPRETER_ROW_CHUNK = 65536
 PARTIALS_BLOCK = 1024  # chunk partials a second-stage program adds per iteration
+ENV_AUTOTUNE = "REVDEQ_TRITON_AUTOTUNE"
 
 
 def _host_timer_bench(kernel_call, quantiles):
@@ -113,10 +116,24 @@ def build_kernels(elementwise_configs, row_configs, row_chunk: int, *,
     )
 
 
-if INTERPRETED:
-    DEFAULT_KERNELS = build_kernels([INTERPRETER_CONFIG], [INTERPRETER_ROW_CONFIG], INTERPRETER_ROW_CHUNK)
-else:
-    DEFAULT_KERNELS = build_kernels(GPU_ELEMENTWISE_CONFIGS, GPU_ROW_CONFIGS, GPU_ROW_CHUNK)
+def default_configs() -> tuple[list, list, int]:
+    """(elementwise configs, row configs, row chunk) of the default launchers.
+
+    ``REVDEQ_TRITON_AUTOTUNE=0`` keeps each kernel's first GPU config and tunes nothing:
+    for correctness runs (the GPU check's parity tests and memcheck), where tuning would
+    benchmark every config of every size bucket and dtype (~530 keys in the parity files,
+    >= 125 ms per config with do_bench's defaults) and compile each config's variants."""
+    if INTERPRETED:
+        return [INTERPRETER_CONFIG], [INTERPRETER_ROW_CONFIG], INTERPRETER_ROW_CHUNK
+    autotune = os.environ.get(ENV_AUTOTUNE, "1")
+    if autotune not in ("0", "1"):
+        raise ValueError(f"{ENV_AUTOTUNE}={autotune!r}: must be 1 (tune, the default) or 0 (first config only)")
+    if autotune == "0":
+        return GPU_ELEMENTWISE_CONFIGS[:1], GPU_ROW_CONFIGS[:1], GPU_ROW_CHUNK
+    return GPU_ELEMENTWISE_CONFIGS, GPU_ROW_CONFIGS, GPU_ROW_CHUNK
+
+
+DEFAULT_KERNELS = build_kernels(*default_configs())
 
 
 # ---------------------------------------------------------------------------- checks
