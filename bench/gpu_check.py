@@ -101,7 +101,8 @@ class Check:
         if self.smoke:
             self.env |= dict(TRITON_INTERPRET="1", REVDEQ_TEST_DEVICES="cpu", CUDA_VISIBLE_DEVICES="")
         else:
-            self.env |= dict(REVDEQ_TEST_DEVICES="cuda")
+            # the timed stages tune even where the caller's environment switched tuning off
+            self.env |= dict(REVDEQ_TEST_DEVICES="cuda", REVDEQ_TRITON_AUTOTUNE="1")
         self.device = "cpu" if self.smoke else "cuda"
         self.min_stage_s = MIN_STAGE_S
         # --smoke where the triton backend cannot run (no triton with a CPU-only torch, or an
