@@ -131,6 +131,21 @@ def test_rotation_keeps_the_previous_good_checkpoint_and_never_rotates_a_damaged
     assert load_checkpoint(tmp_path / "prev.pt")["step"] == 2, "a damaged last.pt was rotated over the good prev.pt"
 
 
+def test_rotation_reads_only_a_last_pt_this_process_did_not_write(tmp_path, monkeypatch):
+    from revdeq_kernels.lm import checkpoint
+    verified = []
+    real_verify = checkpoint.verify_checkpoint
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda path: verified.append(path) or real_verify(path))
+    for step in (1, 2, 3):
+        save_rotating(tmp_path, {**PAYLOAD, "step": step})
+    assert verified == [], f"our own last.pt was read back and hashed before rotation: {verified}"
+    # A same-size byte flip in place keeps the inode and the size; only the mtime tells.
+    payload_byte_flipped(tmp_path / "last.pt")
+    save_rotating(tmp_path, {**PAYLOAD, "step": 4})
+    assert verified == [tmp_path / "last.pt"], f"a last.pt changed since we wrote it was not verified: {verified}"
+    assert load_checkpoint(tmp_path / "prev.pt")["step"] == 2, "a damaged last.pt was rotated over the good prev.pt"
+
+
 def test_resume_falls_back_to_prev_when_last_is_damaged(tmp_path):
     overrides = dict(max_iters=8, checkpoint_interval=2, eval_interval=4, dropout=0.1)
     full = train(small_config(tmp_path / "a", **overrides), **QUIET)

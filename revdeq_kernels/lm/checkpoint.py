@@ -41,6 +41,24 @@ INFERENCE_KEYS = ("max_steps", "tol", "beta", "inference_solver", "state_dtype",
                   "batch_size", "data_dir", "threads", "eval_batches")
 
 
+# The file this process last wrote at each last.pt, by (device, inode, size, mtime): a file
+# that still matches was written whole by us (atomically, then fsynced), so rotating it to
+# prev.pt needs no second read and hash. Any other writer changes the inode or mtime.
+_WRITTEN: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _known_intact(path: Path) -> bool:
+    try:
+        return _WRITTEN.get(str(path.resolve())) == _signature(path)
+    except FileNotFoundError:
+        return False
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
 
@@ -123,14 +141,16 @@ def save_rotating(folder: Path | str, payload: dict) -> Path:
     """Write ``folder/last.pt``, first keeping the current one as ``prev.pt`` if it is intact.
 
     ``prev.pt`` is replaced by a hard link to the current ``last.pt`` (a copy where links are
-    unsupported), so at every moment ``last.pt`` exists and each name holds a whole file."""
+    unsupported), so at every moment ``last.pt`` exists and each name holds a whole file.
+    A ``last.pt`` this process wrote and nobody changed since is rotated unread; any other
+    is verified first, and a damaged one is never rotated over ``prev.pt``."""
     folder = Path(folder)
     last, previous = folder / LAST, folder / PREVIOUS
     envelope = _envelope(payload)  # before touching any file: a failure here changes nothing
     for stale in [*folder.glob(f".{LAST}.tmp-*"), *folder.glob(f".{PREVIOUS}.link-*")]:
         with contextlib.suppress(FileNotFoundError):  # left by a writer that was killed
             stale.unlink()
-    if last.exists() and verify_checkpoint(last) is None:
+    if _known_intact(last) or (last.exists() and verify_checkpoint(last) is None):
         link = folder / f".{PREVIOUS}.link-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
@@ -142,6 +162,7 @@ def save_rotating(folder: Path | str, payload: dict) -> Path:
         os.replace(link, previous)
     with atomic_path(last) as tmp:
         torch.save(envelope, tmp)
+    _WRITTEN[str(last.resolve())] = _signature(last)
     return last
 
 
