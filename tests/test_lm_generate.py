@@ -225,6 +225,11 @@ def test_inference_bench_compares_the_solvers_on_a_checkpoint(tmp_path):
     for row in rows:
         assert row["auto_cache"] == "equilibrium" and row["window_residual"] <= 1e-2, row
         assert 0 <= row["parity_equilibrium"] < 1 and row["same_tokens"], row
+        assert len(row["equilibrium_tokens_per_s"]) == 1 and row["same_tokens_equilibrium"], row
+    # the per-evaluation cache reproduces full recomputation up to float32 rounding (the
+    # iteration's only: Anderson mixes positions and has no per-evaluation cache)
+    assert rows[0]["parity_per_evaluation"] <= 1e-5 and len(rows[0]["per_evaluation_tokens_per_s"]) == 1, rows[0]
+    assert rows[1]["parity_per_evaluation"] is None and "per_evaluation_tokens_per_s" not in rows[1], rows[1]
     # the iteration evaluates the block 1 + 2 * steps times, Anderson once per step
     assert rows[0]["window_evals"] == 1 + 2 * rows[0]["window_steps"], rows[0]
     assert rows[1]["window_evals"] <= 2 * 20 + 1, rows[1]
