@@ -69,6 +69,11 @@ def test_smoke_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
     assert methods == set(_bench("gpu_check").E2E_METHODS.split(",")), methods
     assert all(r["time_ms"] > 0 and r["step_mb"] is not None for r in e2e_rows), e2e_rows[0]
     assert "tokens/s" in stages["train"]["result"], stages["train"]
+    # ... and the report for RESULTS.md renders all of it
+    text = _bench("gpu_report").report(out)
+    assert all(f"| {name} | {s['status']} |" in text for name, s in stages.items()), text[:2000]
+    assert text.count("| `") == len({(r["op"], r["mix"], r["elements"]) for r in ops_rows}), text
+    assert all(f"| {m} |" in text for m in methods), text[-3000:]
 
 
 def _check(tmp_path, **overrides):
@@ -179,3 +184,31 @@ def test_the_correctness_stages_run_triton_untuned_and_the_timed_ones_tune(tmp_p
     check.tests()
     check.ops()
     assert seen == {"tests": "0", "ops": "1"}, seen
+
+
+def test_the_report_copies_each_measured_number_and_marks_what_is_missing(tmp_path):
+    gpu_report = _bench("gpu_report")
+    stage = dict(name="ops", status="passed", seconds=91.4, result="worst relax_ bf16<-bf16 triton", command=[])
+    (tmp_path / "gpu_check.json").write_text(json.dumps(dict(
+        mode="full", ok=False, seconds=402.6, budget_s=480.0, stages=[stage],
+        header=dict(device="NVIDIA H200", torch="2.11.0+cu130", cuda="13.0", python="3.12.3", commit="abc1234"),
+        targets=[dict(target="every fused op >= 0.9x", value=0.874, met=False, detail="1 of 2 rows below")])))
+    row = dict(op="relax_", mix="f32<-f32", elements=64 * 2**20, roofline_gbps=4012.2, copy_gbps=4300.0)
+    (tmp_path / "ops.json").write_text(json.dumps(dict(results=[
+        row | dict(backend="cuda", gbps=3912.6, of_roofline=0.9752),
+        row | dict(backend="triton", gbps=3506.0, of_roofline=0.8738),
+        row | dict(op="unrelax_", backend="cuda", gbps=3901.0, of_roofline=0.9723)])))
+    text = gpu_report.report(tmp_path)
+    assert "**NVIDIA H200**, torch 2.11.0+cu130 (CUDA 13.0), Python 3.12.3, commit abc1234" in text, text
+    assert "403 s of its 480 s budget, FAILED" in text and "| ops | passed | 91 |" in text, text
+    assert "- [ ] every fused op >= 0.9x: 0.874 (1 of 2 rows below)" in text, text
+    assert "**67,108,864 elements** (device copy 4,300 GB/s" in text, text
+    assert "| `relax_` | f32<-f32 | 4,012 | 3,913 (0.98) | 3,506 (0.87) |" in text, text
+    assert "| `unrelax_` | f32<-f32 | 4,012 | 3,901 (0.97) | - |" in text, "a backend without a row must show '-'"
+    assert "End to end" not in text, "no e2e.json, no e2e section"
+    (tmp_path / "e2e.json").write_text("{ cut")
+    with pytest.raises(SystemExit, match="e2e.json: not valid JSON"):
+        gpu_report.report(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(SystemExit, match="elsewhere: no gpu_check.json"):
+        gpu_report.report(tmp_path / "elsewhere")
