@@ -160,10 +160,24 @@ def test_the_triton_interpreter_defect_is_reported_only_where_it_bites(version, 
         assert f"triton {version}" in defect and "triton>=3.7" in defect, defect
 
 
-def test_a_defective_triton_interpreter_makes_the_backend_unavailable_with_its_reason(monkeypatch):
+@pytest.mark.parametrize("version, too_old", [("3.0.0", True), ("3.2.0", True), ("3.5.1", True),
+                                             ("3.6.0", False), ("3.8.0+git4f2e1c", False), ("3.10.0", False)])
+def test_a_triton_that_breaks_the_rounding_contract_is_too_old(version, too_old):
+    # triton 3.0/3.1 (torch 2.4/2.5): triton.autotune(do_bench=...) raised TypeError at import;
+    # 3.2 dropped it (no GPU: a driver error at import); 3.3-3.5 emit div.rn.ftz.f32
+    reason = dispatch.triton_too_old(version)
+    assert (reason is not None) == too_old, f"triton {version}: triton_too_old said {reason!r}"
+    if too_old:
+        assert f"triton {version} is older than 3.6" in reason and "triton>=3.6" in reason, reason
+
+
+@pytest.mark.parametrize("check", ["interpreter_defect", "triton_too_old"])
+def test_a_triton_that_cannot_run_the_kernels_makes_the_backend_unavailable_with_its_reason(monkeypatch, check):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(dispatch, "interpreter_defect", lambda version: f"triton {version} is broken here")
+    monkeypatch.setattr(dispatch, "interpreter_defect", lambda version: None)
+    monkeypatch.setattr(dispatch, "triton_too_old", lambda version: None)
+    monkeypatch.setattr(dispatch, check, lambda version: f"triton {version} is broken here")
     dispatch._probe_backends.cache_clear()
     try:
         info = dispatch.backends()["triton"]

@@ -14,7 +14,11 @@ import sys
 import pytest
 import torch
 
+from revdeq_kernels.ops.dispatch import triton_too_old
+
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
+if triton_too_old(triton.__version__):
+    pytest.skip(triton_too_old(triton.__version__), allow_module_level=True)
 
 from revdeq_kernels.ops import triton_exact as te, triton_ops as tk  # noqa: E402
 

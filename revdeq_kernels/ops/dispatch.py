@@ -84,6 +84,26 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The oldest Triton the kernels keep their rounding contract on (tests/test_triton_build.py):
+# 3.3-3.5 compile the float32 division to div.rn.ftz.f32, which flushes subnormal results to
+# zero; before that the autotuner refuses (3.0/3.1) or drops (3.2) the interpreter's
+# benchmark (triton_ops.tuned). Checked here on 3.0, 3.2, 3.3, 3.4, 3.5, 3.6 and 3.8.
+MIN_TRITON = (3, 6)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def triton_too_old(triton_version: str) -> str | None:
+    """Why ``triton_version`` is too old for the triton backend, or None."""
+    if _release(triton_version) >= MIN_TRITON:
+        return None
+    return (f"triton {triton_version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest on which these "
+            "kernels round like the reference (older ones flush float32 subnormals in division, or autotune "
+            "differently); install triton>=3.6 (torch 2.11 brings 3.6.0)")
+
+
 def interpreter_defect(triton_version: str) -> str | None:
     """Why the Triton interpreter of ``triton_version`` cannot run these kernels, or None.
 
@@ -91,8 +111,7 @@ def interpreter_defect(triton_version: str) -> str | None:
     the interpreter turns a loop bound into an int with ``int()`` of a one-element array,
     which recent NumPy refuses (older NumPy only warns); 3.7 squeezes the array first.
     Without this check the backend would look available and fail inside the interpreter."""
-    release = tuple(int(part) for part in re.findall(r"\d+", triton_version)[:2])
-    if release >= (3, 7):
+    if _release(triton_version) >= (3, 7):
         return None
     try:
         import numpy as np
@@ -115,9 +134,10 @@ def _triton_info() -> BackendInfo:
     except ImportError as error:
         return BackendInfo("triton", False, f"triton is not installed: {error}")
     # The interpreter runs every kernel when it is on, CUDA tensors included.
-    defect = interpreter_defect(triton.__version__) if triton_interpreted() else None
-    if defect:
-        return BackendInfo("triton", False, defect)
+    problem = triton_too_old(triton.__version__) or (
+        interpreter_defect(triton.__version__) if triton_interpreted() else None)
+    if problem:
+        return BackendInfo("triton", False, problem)
     if torch.cuda.is_available():
         return BackendInfo("triton", True, "CUDA tensors" + (
             " and CPU tensors (TRITON_INTERPRET=1)" if triton_interpreted() else ""))

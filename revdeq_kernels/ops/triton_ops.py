@@ -32,7 +32,11 @@ except ImportError as error:  # dispatch reports the backend unavailable before 
 from . import _library
 from .checks import F_DTYPES, STATE_DTYPES, check_aliasing, check_beta, check_read, check_written
 from .reference import accumulation_dtype
+from .dispatch import triton_too_old
 from .triton_kernels import adjoint_kernel, relax_kernel, row_sums_kernel, sum_partials_kernel
+
+if triton_too_old(triton.__version__):  # dispatch reports the backend unavailable for the same reason
+    raise ImportError(f"the triton backend cannot use this triton: {triton_too_old(triton.__version__)}")
 
 # Fixed when triton_kernels' kernels were decorated (TRITON_INTERPRET at that moment): setting
 # the variable later changes nothing, so ask the kernels rather than the environment.
