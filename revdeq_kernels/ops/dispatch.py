@@ -99,9 +99,10 @@ def triton_too_old(triton_version: str) -> str | None:
     """Why ``triton_version`` is too old for the triton backend, or None."""
     if _release(triton_version) >= MIN_TRITON:
         return None
-    return (f"triton {triton_version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest on which these "
-            "kernels round like the reference (older ones flush float32 subnormals in division, or autotune "
-            "differently); install triton>=3.6 (torch 2.11 brings 3.6.0)")
+    oldest = ".".join(map(str, MIN_TRITON))
+    return (f"triton {triton_version} is older than {oldest}, the oldest on which these kernels round like the "
+            f"reference (older ones flush float32 subnormals in division, or autotune differently); install "
+            f"triton>={oldest} (torch 2.11 brings 3.6.0)")
 
 
 def interpreter_defect(triton_version: str) -> str | None:

@@ -31,8 +31,8 @@ except ImportError as error:  # dispatch reports the backend unavailable before 
 
 from . import _library
 from .checks import F_DTYPES, STATE_DTYPES, check_aliasing, check_beta, check_read, check_written
-from .reference import accumulation_dtype
 from .dispatch import triton_too_old
+from .reference import accumulation_dtype
 from .triton_kernels import adjoint_kernel, relax_kernel, row_sums_kernel, sum_partials_kernel
 
 if triton_too_old(triton.__version__):  # dispatch reports the backend unavailable for the same reason
