@@ -17,8 +17,8 @@ import torch
 from revdeq_kernels.ops.dispatch import triton_too_old
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
-if triton_too_old(triton.__version__):
-    pytest.skip(triton_too_old(triton.__version__), allow_module_level=True)
+if reason := triton_too_old(triton.__version__):
+    pytest.skip(reason, allow_module_level=True)
 
 from revdeq_kernels.ops import triton_exact as te, triton_ops as tk  # noqa: E402
 

@@ -101,7 +101,8 @@ def triton_too_old(triton_version: str) -> str | None:
         return None
     oldest = ".".join(map(str, MIN_TRITON))
     return (f"triton {triton_version} is older than {oldest}, the oldest on which these kernels round like the "
-            f"reference (older ones flush float32 subnormals in division, or autotune differently); install "
+            f"reference (3.3-3.5 flush float32 subnormals in division; older autotuners do not take the "
+            f"interpreter's benchmark); install "
             f"triton>={oldest} (torch 2.11 brings 3.6.0)")
 
 

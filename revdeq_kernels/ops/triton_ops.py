@@ -35,8 +35,8 @@ from .dispatch import triton_too_old
 from .reference import accumulation_dtype
 from .triton_kernels import adjoint_kernel, relax_kernel, row_sums_kernel, sum_partials_kernel
 
-if triton_too_old(triton.__version__):  # dispatch reports the backend unavailable for the same reason
-    raise ImportError(f"the triton backend cannot use this triton: {triton_too_old(triton.__version__)}")
+if reason := triton_too_old(triton.__version__):  # dispatch reports the backend unavailable for it
+    raise ImportError(f"the triton backend cannot use this triton: {reason}")
 
 # Fixed when triton_kernels' kernels were decorated (TRITON_INTERPRET at that moment): setting
 # the variable later changes nothing, so ask the kernels rather than the environment.
