@@ -22,9 +22,9 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import ops
+from .first_order import first_order
 from .ops.reference import accumulation_dtype
 from .problem import BufferSnapshot, Problem, eager_under_compile, make_problem, trainable_parameters
 from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
@@ -76,7 +76,10 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.checkpoint_steps = sorted(checkpoints)
         ctx.z0_given = z0 is not None
         ctx.z0_dtype = z0.dtype if z0 is not None else None
-        saved = [x, z, y] + ([start] if z0 is not None else [])
+        ctx.z0_anchor = z0 is not None and z0.requires_grad
+        # z0 itself only anchors the refusal of second derivatives (first_order.py): the
+        # backward reads its detached copy `start`.
+        saved = [x, z, y] + ([start] if z0 is not None else []) + ([z0] if ctx.z0_anchor else [])
         for step in ctx.checkpoint_steps:
             saved.extend(checkpoints[step])
         if problem.exact:
@@ -88,13 +91,15 @@ class _ReversibleFunction(torch.autograd.Function):
         return reversal.output(z)
 
     @staticmethod
-    @once_differentiable
+    @first_order("the reversible adjoint")
     def backward(ctx, grad_z):
         problem: Problem = ctx.problem
         reversal: FloatReversal = ctx.reversal
         x, z_final, y_final, *rest = ctx.saved_tensors
         true_start = rest.pop(0) if ctx.z0_given else torch.zeros(z_final.shape, dtype=problem.state_dtype,
                                                                     device=z_final.device)
+        if ctx.z0_anchor:
+            rest.pop(0)
         checkpoints = {s: (rest[2 * i], rest[2 * i + 1]) for i, s in enumerate(ctx.checkpoint_steps)}
         if problem.exact:
             planes = rest[2 * len(ctx.checkpoint_steps):]

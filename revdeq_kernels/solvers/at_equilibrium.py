@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..first_order import first_order
 from ..problem import BufferSnapshot
 
 
@@ -37,7 +37,7 @@ class AtEquilibriumFunction(torch.autograd.Function):
         return z
 
     @staticmethod
-    @once_differentiable
+    @first_order("DEQ's implicit or phantom adjoint")
     def backward(ctx, grad_z):
         problem = ctx.problem
         x, z = ctx.saved_tensors

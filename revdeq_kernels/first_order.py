@@ -1,0 +1,67 @@
+"""First-order backward passes that refuse, where it can be seen, to be differentiated again.
+
+The reversible adjoint and the implicit and phantom adjoints compute gradients, not graphs
+of gradients, so a second derivative through them (``create_graph=True``: a gradient
+penalty, a Hessian, MAML's outer step) does not exist. torch's ``once_differentiable`` says
+so only when ``loss.backward()`` happens to reach its error node, which hangs on detached
+copies of the gradients: ``torch.autograd.grad(g, x)`` never reaches it, and the second
+derivative comes back as None (``allow_unused=True``), as "x was not used in the graph", or
+as zeros (``torch.autograd.functional.hessian``). Here the error node hangs on what the
+gradients really depend on: the incoming gradient, the forward's inputs and f's parameters.
+Any second derivative that has to pass through the backward then raises, naming the adjoint
+that has one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """forward(message, count, *gradients, *anchors) -> gradients, unchanged; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, message: str, count: int, *tensors):
+        ctx.message = message
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def first_order(what: str):
+    """Decorate the ``backward`` of an autograd.Function whose ctx holds the solve's Problem.
+
+    The backward runs without a graph on detached incoming gradients (it is first-order by
+    construction). Under ``create_graph=True`` its gradients come out attached to a node
+    that raises, with this message, if anything differentiates them."""
+    message = (f"a second derivative through {what} was requested (create_graph=True: a gradient penalty, "
+               "a Hessian, MAML's outer step), but that backward computes gradients without a graph of them; "
+               "use adjoint='unrolled', which differentiates through every step with plain autograd "
+               "(its memory grows with the steps)")
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *(g.detach() if isinstance(g, Tensor) else g for g in grads))
+            if not torch.is_grad_enabled():  # an ordinary backward: create_graph=False
+                return outputs
+            anchors = [t for t in (*grads, *ctx.saved_tensors, *ctx.problem.params)
+                       if isinstance(t, Tensor) and t.requires_grad]
+            filled = [i for i, g in enumerate(outputs) if isinstance(g, Tensor)]
+            if not anchors or not filled:
+                return outputs
+            refused = _SecondDerivativeRefused.apply(message, len(filled), *(outputs[i] for i in filled), *anchors)
+            outputs = list(outputs)
+            for i, g in zip(filled, refused):
+                outputs[i] = g
+            return tuple(outputs)
+
+        return wrapper
+
+    return decorate
