@@ -156,6 +156,18 @@ def test_jacobian_through_the_reversible_adjoint(method):
     assert error <= bound, f"{method}: Jacobian vs plain autograd: relative error {error:.3g} > {bound:g}"
 
 
+def test_vectorized_jacobian_through_the_unrolled_adjoint():
+    f, x = setup()
+    jacobian = torch.autograd.functional.jacobian(unrolled(f), x.detach(), vectorize=True)
+    expected = torch.autograd.functional.jacobian(lambda v: plain_iteration(f, v), x.detach())
+    assert relative_error(jacobian, expected) <= 1e-12, "jacobian(vectorize=True) through adjoint='unrolled'"
+
+
+# The stop test reads its residuals back to the host; under torch.func.grad they are wrapped
+# tensors, which torch 2.4 and 2.7 cannot read ("Cannot access data pointer"); 2.11 and 2.14
+# can. The versions between were not checked.
+@pytest.mark.skipif(torch.__version__ < "2.11", reason="torch.func.grad over the solve needs torch >= 2.11 "
+                    "(checked: fails on 2.4 and 2.7, passes on 2.11 and 2.14)")
 def test_torch_func_through_the_unrolled_adjoint():
     f, x = setup()
     deq = unrolled(f)
@@ -163,11 +175,9 @@ def test_torch_func_through_the_unrolled_adjoint():
     grad = torch.func.grad(lambda v: loss_of(deq(v)))(x)
     expected = torch.autograd.grad(loss_of(plain_iteration(f, x.requires_grad_())), x)[0]
     assert relative_error(grad, expected) <= 1e-12, "torch.func.grad through adjoint='unrolled'"
-    expected = torch.autograd.functional.jacobian(lambda v: plain_iteration(f, v), x.detach())
     jacobian = torch.func.jacrev(deq)(x.detach())
+    expected = torch.autograd.functional.jacobian(lambda v: plain_iteration(f, v), x.detach())
     assert relative_error(jacobian, expected) <= 1e-12, "torch.func.jacrev through adjoint='unrolled'"
-    jacobian = torch.autograd.functional.jacobian(deq, x.detach(), vectorize=True)
-    assert relative_error(jacobian, expected) <= 1e-12, "jacobian(vectorize=True) through adjoint='unrolled'"
 
 
 TRANSFORMS = {
