@@ -41,6 +41,37 @@ def trainable_parameters(f) -> list[Tensor]:
     return []
 
 
+class HeldBuffers:
+    """f's buffers, held at their values from a solve's first evaluation for every evaluation of
+    that solve, forward and backward.
+
+    A module that updates a buffer when called (spectral_norm's power iteration, BatchNorm's
+    running statistics, a counter) is otherwise a different function at every evaluation, and
+    the backward's recomputations, which come after all of the forward's updates, cannot match
+    the forward: reversal="exact" refused, the float reversal drifted silently. Held, every
+    evaluation starts from the same buffers, and the forward pass leaves them as its last
+    evaluation updated them: one power iteration, one running-statistics update per solve, as
+    for a layer called once.
+
+    Every buffer is put back before every evaluation but the first: whether f wrote one cannot
+    be told without reading it on the device (BatchNorm's kernel writes its running statistics
+    without bumping their version counters). The write goes through ``.data``, as that kernel's
+    does, so a graph that saved the buffer (adjoint="unrolled") sees no version change."""
+
+    def __init__(self, f):
+        self.buffers = list(f.buffers()) if isinstance(f, nn.Module) else []
+        self.start: list[Tensor] | None = None
+
+    def before_evaluation(self) -> None:
+        if not self.buffers:
+            return
+        if self.start is None:
+            self.start = [buf.detach().clone() for buf in self.buffers]
+            return
+        for buf, value in zip(self.buffers, self.start):
+            buf.data.copy_(value)
+
+
 class BufferSnapshot:
     """Restore f's buffers (BatchNorm running stats, counters) after the backward's
     recomputations, so that recomputing f does not count as another training step."""
@@ -74,6 +105,7 @@ class Problem:
     rng: EvaluationRNG
     autocast: tuple[bool, torch.dtype]
     params: list  # the tensors the backward differentiates
+    buffers: HeldBuffers
     stats: SolverStats = field(default_factory=SolverStats)
     ratio: fixed_point.Ratio | None = None  # 1 - beta as n/d: reversal="exact" only
     frac_bits: int = 0
@@ -85,6 +117,7 @@ class Problem:
     def call_f(self, state: Tensor, x: Tensor, index: int) -> Tensor:
         """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
         z_in = state if state.dtype == self.f_dtype else state.to(self.f_dtype)
+        self.buffers.before_evaluation()
         with self.rng.evaluation(index):
             try:
                 out = self.f(z_in, x)
@@ -162,7 +195,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
         f_dtype=x.dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
         rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
-        params=params, stats=SolverStats(backend=backend),
+        params=params, buffers=HeldBuffers(f), stats=SolverStats(backend=backend),
         ratio=fixed_point.beta_ratio(settings.beta) if settings.resolved_reversal == "exact" else None,
         frac_bits=(settings.frac_bits or fixed_point.default_frac_bits(x.dtype)) if settings.resolved_reversal == "exact" else 0,
     )

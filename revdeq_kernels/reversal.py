@@ -230,7 +230,8 @@ class ExactReversal(FloatReversal):
                 "recomputation as in the forward pass. "
                 "Look for a nondeterministic kernel (atomics: index_add_, scatter_add_, some cuDNN/cuBLAS "
                 "algorithms; torch.use_deterministic_algorithms(True) names them), a random op that "
-                "replay_rng=True does not cover, or state f keeps between calls")
+                "replay_rng=True does not cover, or state f keeps between calls outside its buffers "
+                "(an attribute; buffers are held for the solve)")
         return 0.0
 
 

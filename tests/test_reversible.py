@@ -3,6 +3,7 @@ randomness, and every documented error."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import warnings
@@ -168,17 +169,71 @@ def test_without_rng_replay_dropout_gradients_are_wrong():
     assert sol.reconstruction_error > 1e-3, "unreplayed dropout should break the reconstruction"
 
 
-def test_batchnorm_running_stats_not_updated_by_recomputation():
+def test_batchnorm_running_stats_take_one_update_per_solve():
+    """f's buffers are held for the whole solve: the forward's 2N+1 = 11 evaluations all start
+    from the same running statistics, the last one's update is kept, and the backward's
+    recomputations move nothing."""
     torch.manual_seed(0)
-    block = Block(6, batchnorm=True)
-    x = torch.randn(8, 6, requires_grad=True)
+    block = Block(6, batchnorm=True).double()
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
     deq = rk.ReversibleDEQ(block, beta=0.5, max_steps=5, tol=0, backend="torch")
     z = deq(x)
     after_forward = (block.norm.running_mean.clone(), block.norm.num_batches_tracked.clone())
+    with torch.no_grad():  # the last evaluation is f(z_N): BatchNorm saw mix(z_N) + inject(x)
+        expected = block.norm.momentum * (block.mix(z) + block.inject(x)).mean(0)
+    assert int(after_forward[1]) == 1, f"num_batches_tracked {int(after_forward[1])} after one solve, not 1"
+    error = (after_forward[0] - expected).abs().max().item()
+    assert error <= 1e-14, f"running_mean is not the last evaluation's single update: off by {error:.3g}"
     z.sum().backward()
     assert torch.equal(block.norm.running_mean, after_forward[0]), "backward recomputation moved running_mean"
     assert torch.equal(block.norm.num_batches_tracked, after_forward[1])
-    assert int(after_forward[1]) == 11, "the forward evaluates f 2N+1 = 11 times"
+
+
+class SpectralNormBlock(torch.nn.Module):
+    """tanh(SN(W) z + U x): spectral_norm runs a power iteration, updating its buffers, on every
+    call in training mode, so unheld it is a different function at every evaluation."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.mix = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(width, width))
+        self.inject = torch.nn.Linear(width, width)
+
+    def forward(self, z, x):
+        return torch.tanh(self.mix(z) + self.inject(x))
+
+
+@pytest.mark.parametrize("reversal", ["exact", "float"])
+def test_spectral_norm_block_is_one_function_per_solve(reversal):
+    """The gradient equals plain autograd through the iteration of one fixed f: the module after
+    one power iteration (what a single call in training mode computes, and what eval mode then
+    applies), and the solve leaves the module with exactly that one iteration done."""
+    torch.manual_seed(0)
+    f = SpectralNormBlock().double()
+    with torch.no_grad():  # new weights: the power iteration is far from converged, each call moves u
+        f.mix.parametrizations.weight.original.normal_()
+    frozen = copy.deepcopy(f)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    frozen(x, x)  # one power iteration, then eval mode: the buffers stay put
+    frozen.eval()
+    deq = rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0, reversal=reversal, backend="torch")
+    z = deq(x)
+    loss = z.square().sum() + z.sin().sum()
+    got = torch.autograd.grad(loss, [x, *f.parameters()])
+
+    xr = x.detach().requires_grad_()
+    y = zr = torch.zeros_like(xr)
+    f_z = frozen(zr, xr)
+    for _ in range(8):
+        y = 0.5 * y + 0.5 * f_z
+        zr = 0.5 * zr + 0.5 * frozen(y, xr)
+        f_z = frozen(zr, xr)
+    want = torch.autograd.grad(zr.square().sum() + zr.sin().sum(), [xr, *frozen.parameters()])
+    error = relative_error(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want]))
+    assert error <= 1e-12, f"{reversal}: gradient vs one fixed f, relative error {error:.3g} > 1e-12"
+    if reversal == "exact":
+        assert deq.last_stats.reconstruction_error == 0.0
+    for name, held in f.named_buffers():
+        assert torch.equal(held, dict(frozen.named_buffers())[name]), f"{name}: not one power iteration"
 
 
 def test_state_dtype_float64_with_float32_f():
