@@ -21,7 +21,8 @@ from torch import Tensor
 
 from . import ops
 from .convergence import ConvergenceMonitor
-from .fixed_point import FLAG_NONFINITE, DigitPlanes, from_fixed, plane_capacity, range_limit, to_fixed
+from .fixed_point import (FLAG_NONFINITE, FRAC_BITS_RANGE, DigitPlanes, from_fixed, plane_capacity, range_limit,
+                          to_fixed)
 from .ops.reference import accumulation_dtype
 from .problem import Problem
 
@@ -29,7 +30,12 @@ from .problem import Problem
 # has drifted enough to move the gradient: warn once per f (see docs/numerics.md). With
 # 16-bit states or f the floor is a few of that dtype's ulps instead.
 RECONSTRUCTION_WARNING = 1e-4
-_warned: weakref.WeakSet = weakref.WeakSet()
+# reversal="exact" warns once per f when its largest state holds fewer than this many bits on
+# the fixed-point grid (a relative resolution coarser than 2^-16 ~ 1.5e-5): the solve is still
+# exact, but coarser than f's float32 arithmetic by over 2^8 (docs/numerics.md).
+RESOLUTION_WARNING_BITS = 16
+_warned_drift: weakref.WeakSet = weakref.WeakSet()
+_warned_resolution: weakref.WeakSet = weakref.WeakSet()
 
 
 def drift_threshold(problem: Problem) -> float:
@@ -53,18 +59,33 @@ def _worst(gaps: list[float]) -> float:
     return math.nan if any(math.isnan(g) for g in gaps) else max(gaps, default=0.0)
 
 
-def _warn_drift(problem: Problem, error: float, threshold: float) -> None:
-    f = problem.f
+def _warn_once(warned: weakref.WeakSet, f, message: str) -> None:
     try:
-        if f in _warned:
+        if f in warned:
             return
-        _warned.add(f)
+        warned.add(f)
     except TypeError:  # not weak-referenceable: warn every time
         pass
-    warnings.warn(
-        f"the reversible backward rebuilt the start state with a relative error of {error:.3g} (above "
-        f"{threshold:g}): the gradients are inexact. Use reversal='exact' for bit-exact "
-        "states, or checkpoint_every=K to restart the reconstruction every K steps", RuntimeWarning, stacklevel=1)
+    warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+
+def _warn_drift(problem: Problem, error: float, threshold: float) -> None:
+    _warn_once(_warned_drift, problem.f,
+               f"the reversible backward rebuilt the start state with a relative error of {error:.3g} (above "
+               f"{threshold:g}): the gradients are inexact. Use reversal='exact' for bit-exact "
+               "states, or checkpoint_every=K to restart the reconstruction every K steps")
+
+
+def _warn_resolution(problem: Problem, peak_units: int) -> None:
+    """The exact states are small against their grid: say how coarse, and the frac_bits that fixes it."""
+    bits = peak_units.bit_length()
+    frac_bits = problem.frac_bits
+    suggested = min(FRAC_BITS_RANGE[1], frac_bits + 24 - bits)
+    _warn_once(_warned_resolution, problem.f,
+               f"reversal='exact': the largest state is {math.ldexp(peak_units, -frac_bits):.3g}, only "
+               f"{peak_units} steps of the fixed-point grid 2^-{frac_bits} (frac_bits={frac_bits}), so the solve "
+               f"is exact but resolves the states to about {1 / peak_units:.1e} relative. Pass "
+               f"frac_bits={suggested} (states up to +-{range_limit(suggested):g}) or scale f's output")
 
 
 class FloatReversal:
@@ -99,7 +120,7 @@ class FloatReversal:
     def output(self, z: Tensor) -> Tensor:
         return z
 
-    def check_forward(self) -> None:
+    def check_forward(self, z: Tensor) -> None:
         """Nothing to check: a non-finite state shows in the residual (ConvergenceMonitor)."""
 
     # ---------------------------------------------------------------- backward
@@ -172,13 +193,15 @@ class ExactReversal(FloatReversal):
         return self._as_float(ops.residual_norms(from_fixed(z, self.problem.frac_bits, torch.float64), F,
                                                  backend=self.problem.backend))
 
-    def _check_flags(self, where: str) -> bool:
+    def _check_flags(self, where: str, flags: list[int] | None = None) -> bool:
         """False when the kernels flagged nothing; else raises, or warns (on_nonfinite="warn")
-        and returns True: integer states cannot hold the NaN, so the caller makes its result NaN."""
-        flagged = torch.nonzero(self.flags).flatten().tolist()
+        and returns True: integer states cannot hold the NaN, so the caller makes its result NaN.
+        ``flags``: self.flags already read to the host."""
+        flags = self.flags.tolist() if flags is None else flags
+        flagged = [n for n, bits in enumerate(flags) if bits]
         if not flagged:
             return False
-        step, bits = flagged[0], int(self.flags[flagged[0]])
+        step, bits = flagged[0], flags[flagged[0]]
         problem = self.problem
         step += 1  # flags[n] belongs to the updates of step n + 1, counted as the monitor counts
         if bits & FLAG_NONFINITE:
@@ -193,8 +216,12 @@ class ExactReversal(FloatReversal):
         warnings.warn(message + "; the result is NaN", RuntimeWarning, stacklevel=1)
         return True
 
-    def check_forward(self) -> None:
-        self.poisoned = self._check_flags("forward pass")
+    def check_forward(self, z: Tensor) -> None:
+        peak = z.abs().max().view(1) if z.numel() else z.new_zeros(1)
+        *flags, peak_units = torch.cat([self.flags.to(torch.int64), peak]).tolist()  # one read from the device
+        self.poisoned = self._check_flags("forward pass", flags)
+        if not self.poisoned and 0 < peak_units < 2 ** RESOLUTION_WARNING_BITS:
+            _warn_resolution(self.problem, peak_units)
 
     def output(self, z: Tensor) -> Tensor:
         out = from_fixed(z, self.problem.frac_bits, self.problem.state_dtype)
@@ -265,7 +292,7 @@ def forward_iteration(problem: Problem, reversal: FloatReversal, x: Tensor, star
             checkpoints[n + 1] = (y.clone(), z.clone())
     else:
         monitor.converged(steps, *reversal.residual(z, F))
-    reversal.check_forward()
+    reversal.check_forward(z)
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
     return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype

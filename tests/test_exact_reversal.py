@@ -138,6 +138,46 @@ def test_nondeterministic_f_is_detected():
         z.sum().backward()
 
 
+class SmallLinear(torch.nn.Module):
+    """f(z, x) = W z + x with ||W||_2 = 0.5: the states stay at the scale of x."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.mix = torch.nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            self.mix.weight.mul_(0.5 / torch.linalg.matrix_norm(self.mix.weight, 2))
+
+    def forward(self, z, x):
+        return self.mix(z) + x
+
+
+def test_states_small_against_the_grid_warn_once_with_the_frac_bits_that_fix_it():
+    """At |z| ~ 1e-6 the 2^-32 grid keeps 13 bits of the states: exact, but 1e-4 off float32.
+    The warning names frac_bits=42, which brings the gradient back to float32's accuracy."""
+    torch.manual_seed(0)
+    f = SmallLinear()
+    x = (torch.randn(4, 16) * 1e-6).requires_grad_()
+
+    def x_grad(**settings):
+        z = rk.solve(f, x, beta=0.5, max_steps=8, tol=0, **settings).z
+        return torch.autograd.grad(z.square().sum(), x)[0]
+
+    truth = x_grad(reversal="float", adjoint="unrolled")
+    with pytest.warns(RuntimeWarning, match=r"largest state is .*e-06, only \d+ steps of the fixed-point grid "
+                                            r"2\^-32 .*about 1\.\de-04 relative\. Pass frac_bits=42") as caught:
+        coarse = x_grad()
+        x_grad()
+    assert len([w for w in caught if "fixed-point grid" in str(w.message)]) == 1, "warn once per f"
+    assert relative_error(coarse, truth) > 1e-5, "the warning's premise: the 2^-32 grid is too coarse here"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fine = x_grad(frac_bits=42)
+        at_scale_one = rk.solve(SmallLinear(), torch.randn(4, 16), beta=0.5, max_steps=8, tol=0).z
+    error = relative_error(fine, truth)
+    assert error <= 1e-6, f"with the suggested frac_bits=42 the gradient is {error:.3g} off float32 unrolled"
+    assert at_scale_one.abs().max() > 0.1, "states of order 1 must not warn"
+
+
 def test_exact_errors():
     with pytest.raises(SettingError, match=r"the nearest is 0\.7068965517241379"):
         rk.ReversibleDEQ(torch.nn.Identity(), beta=0.7071, reversal="exact")
