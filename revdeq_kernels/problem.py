@@ -7,6 +7,7 @@ the same per-evaluation random stream, and the same checks on what f returns.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,61 @@ class HeldBuffers:
             buf.data.copy_(value)
 
 
+_closures_checked: weakref.WeakSet = weakref.WeakSet()
+
+
+def _as_is(t: Tensor) -> Tensor:
+    return t
+
+
+class UndeclaredInputs:
+    """Refuses an f whose output depends on tensors that require grad other than z, x and the
+    declared parameters: a tensor it closes over (``functools.partial(block, context=c)``) or
+    keeps as a plain attribute. The backward differentiates f with respect to z, x and the
+    parameters only, so such a tensor would get no gradient, silently (a cross-attention
+    block's partial lost 93% of the gradient). Checked on the forward pass's first
+    evaluation, which then records a graph, once per f object (every call for a fresh one)."""
+
+    def __init__(self, f, params: list):
+        self.f = f
+        self.declared = {id(p) for p in params}
+        self.declared_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
+
+    @staticmethod
+    def wanted(f) -> bool:
+        """Whether ``f`` still needs the check, for a solve under grad mode."""
+        try:
+            return torch.is_grad_enabled() and f not in _closures_checked
+        except TypeError:  # not weak-referenceable: check every time
+            return torch.is_grad_enabled()
+
+    def check(self, out: Tensor) -> None:
+        undeclared, seen, stack = [], set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in self.declared_nodes:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # AccumulateGrad: a tensor that requires grad
+            if leaf is not None:
+                if id(leaf) not in self.declared:
+                    undeclared.append(leaf)
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        if undeclared:
+            shapes = ", ".join(str(tuple(t.shape)) for t in undeclared[:4]) + (", ..." if len(undeclared) > 4 else "")
+            raise ValueError(
+                f"f's output depends on {len(undeclared)} tensor(s) that require grad besides z, x and its "
+                f"parameters (shapes {shapes}): something f closes over or keeps as an attribute, or what it "
+                "was computed from. The solve's backward would leave them without gradient. Make them "
+                "parameters of an nn.Module f, pass them to rk.solve(..., parameters=[...]), or feed them "
+                "through x")
+        try:
+            _closures_checked.add(self.f)
+        except TypeError:
+            pass
+
+
 class BufferSnapshot:
     """Restore f's buffers (BatchNorm running stats, counters) after the backward's
     recomputations, so that recomputing f does not count as another training step."""
@@ -106,6 +162,7 @@ class Problem:
     autocast: tuple[bool, torch.dtype]
     params: list  # the tensors the backward differentiates
     buffers: HeldBuffers
+    undeclared: UndeclaredInputs | None  # None: checked before, or no graph is wanted
     stats: SolverStats = field(default_factory=SolverStats)
     ratio: fixed_point.Ratio | None = None  # 1 - beta as n/d: reversal="exact" only
     frac_bits: int = 0
@@ -120,7 +177,17 @@ class Problem:
         self.buffers.before_evaluation()
         with self.rng.evaluation(index):
             try:
-                out = self.f(z_in, x)
+                if index == 0 and self.undeclared is not None and not torch.is_grad_enabled():
+                    # the forward pass's first evaluation (the unrolled adjoint's runs under grad mode
+                    # and needs no check): a graph on detached z and x reaches only what else needs grad.
+                    # It is freed at once, so the caller's saved-tensor hooks (offloading) never see it.
+                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+                        out = self.f(z_in.detach(), x.detach())
+                    if isinstance(out, Tensor):
+                        self.undeclared.check(out)
+                        out = out.detach()
+                else:
+                    out = self.f(z_in, x)
             except Exception as error:
                 if index == 0 and state.shape != x.shape:  # a z0 of another shape than x's
                     first = (str(error).strip().splitlines() or [""])[0]
@@ -196,6 +263,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         f_dtype=x.dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
         rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
         params=params, buffers=HeldBuffers(f), stats=SolverStats(backend=backend),
+        undeclared=UndeclaredInputs(f, params) if UndeclaredInputs.wanted(f) else None,
         ratio=fixed_point.beta_ratio(settings.beta) if settings.resolved_reversal == "exact" else None,
         frac_bits=(settings.frac_bits or fixed_point.default_frac_bits(x.dtype)) if settings.resolved_reversal == "exact" else 0,
     )
