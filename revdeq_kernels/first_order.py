@@ -1,4 +1,4 @@
-"""First-order backward passes that refuse, where it can be seen, to be differentiated again.
+"""Backward passes that are first-order only, and say so whenever a second derivative reaches them.
 
 The reversible adjoint and the implicit and phantom adjoints compute gradients, not graphs
 of gradients, so a second derivative through them (``create_graph=True``: a gradient
