@@ -7,6 +7,7 @@ the same per-evaluation random stream, and the same checks on what f returns.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -36,10 +37,22 @@ def eager_under_compile(fn):
         return torch.compiler.disable(fn)
 
 
+def module_of(f) -> nn.Module | None:
+    """The module behind f: f itself, or the module a functools.partial wraps (the usual way
+    to hand a block its context), whose parameters and buffers are f's."""
+    if isinstance(f, functools.partial):
+        f = f.func
+    return f if isinstance(f, nn.Module) else None
+
+
 def trainable_parameters(f) -> list[Tensor]:
-    if isinstance(f, nn.Module):
-        return [p for p in f.parameters() if p.requires_grad]
-    return []
+    module = module_of(f)
+    return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+
+def module_buffers(f) -> list[Tensor]:
+    module = module_of(f)
+    return list(module.buffers()) if module is not None else []
 
 
 class HeldBuffers:
@@ -60,7 +73,7 @@ class HeldBuffers:
     does, so a graph that saved the buffer (adjoint="unrolled") sees no version change."""
 
     def __init__(self, f):
-        self.buffers = list(f.buffers()) if isinstance(f, nn.Module) else []
+        self.buffers = module_buffers(f)
         self.start: list[Tensor] | None = None
 
     def before_evaluation(self) -> None:
@@ -133,7 +146,7 @@ class BufferSnapshot:
     recomputations, so that recomputing f does not count as another training step."""
 
     def __init__(self, f):
-        self.saved = [(buf, buf.detach().clone()) for buf in f.buffers()] if isinstance(f, nn.Module) else []
+        self.saved = [(buf, buf.detach().clone()) for buf in module_buffers(f)]
 
     def __enter__(self):
         return self

@@ -182,9 +182,10 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
 
     The settings are a ``SolveSettings``, or its fields as keywords (``beta=0.5,
     max_steps=16``; the same as ``ReversibleDEQ``'s), or both: keywords override.
-    Gradients flow to x, to z0 when it requires grad, and to the parameters of f (all of
-    an nn.Module's trainable parameters, or the tensors given in ``parameters`` for a
-    plain function). ``adjoint="unrolled"`` backpropagates with plain autograd through
+    Gradients flow to x, to z0 when it requires grad, and to the parameters of f: all of
+    an nn.Module's trainable parameters (or those of the module a functools.partial wraps),
+    plus the tensors given in ``parameters`` for a function or partial (a context it closes
+    over). ``adjoint="unrolled"`` backpropagates with plain autograd through
     the same iteration (exact, memory grows with steps): the reference the reversible
     adjoint is tested against.
     """
@@ -198,7 +199,9 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
         settings = dataclasses.replace(settings, **options)
     if parameters is not None and isinstance(f, nn.Module):
         raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
-    params = [p for p in parameters if p.requires_grad] if parameters is not None else trainable_parameters(f)
+    params = trainable_parameters(f)  # a partial's module's, then the declared extras
+    known = {id(p) for p in params}
+    params += [p for p in parameters or () if p.requires_grad and id(p) not in known]
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
         return Solution(unrolled_solve(problem, x, z0, start), problem.stats)

@@ -330,7 +330,9 @@ def test_undeclared_tensors_that_need_grad_are_refused(how):
             rk.solve(f, x, parameters=list(block.parameters()), **settings)
 
 
-def test_declared_context_gets_the_unrolled_gradients():
+@pytest.mark.parametrize("declared", ["context", "context and block"])
+def test_declared_context_gets_the_unrolled_gradients(declared):
+    """A partial's module's parameters are found; the context is declared, alone or with them."""
     block, encoder, x, source = cross_setup()
     grads = {}
     for adjoint in ("reversible", "unrolled"):
@@ -338,12 +340,29 @@ def test_declared_context_gets_the_unrolled_gradients():
             t.grad = None
         context = encoder(source)
         f = functools.partial(block, context=context)
-        parameters = [context, *block.parameters()] if adjoint == "reversible" else None
-        rk.solve(f, x, beta=0.5, max_steps=6, tol=0, adjoint=adjoint, parameters=parameters,
-                 backend="torch").z.square().sum().backward()
+        parameters = [context] + (list(block.parameters()) if declared == "context and block" else [])
+        rk.solve(f, x, beta=0.5, max_steps=6, tol=0, adjoint=adjoint, backend="torch",
+                 parameters=parameters if adjoint == "reversible" else None).z.square().sum().backward()
         grads[adjoint] = torch.cat([t.grad.flatten() for t in [x, *block.parameters(), *encoder.parameters()]])
     error = relative_error(grads["reversible"], grads["unrolled"])
-    assert error <= 1e-12, f"declared context: relative gradient error {error:.3g} > 1e-12"
+    assert error <= 1e-12, f"declared {declared}: relative gradient error {error:.3g} > 1e-12"
+
+
+def test_a_partials_module_has_its_buffers_held():
+    """spectral_norm inside functools.partial: one function per solve, as for the module itself."""
+    torch.manual_seed(0)
+    f = SpectralNormBlock().double()
+    with torch.no_grad():
+        f.mix.parametrizations.weight.original.normal_()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    once = copy.deepcopy(f)
+    once(x, x)
+    sol = rk.solve(functools.partial(f), x, beta=0.5, max_steps=8, tol=0, reversal="float", backend="torch")
+    sol.z.sum().backward()
+    assert sol.stats.reconstruction_error <= 1e-12, \
+        f"float reversal drifted {sol.stats.reconstruction_error:.3g}: the buffers moved between evaluations"
+    for name, held in f.named_buffers():
+        assert torch.equal(held, dict(once.named_buffers())[name]), f"{name}: not one power iteration"
 
 
 BACKEND_PAIRS = backend_device_pairs()
