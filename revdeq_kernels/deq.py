@@ -1,7 +1,7 @@
 """``DEQ``: the classic deep-equilibrium baselines behind the interface of ``ReversibleDEQ``.
 
     deq = DEQ(f, solver="anderson", adjoint="implicit", max_steps=30, tol=1e-3)
-    z = deq(x)              # or deq(x, z0=...)
+    z = deq(x)              # or deq(x, z0=..., context=c): f(z, x, context=c), c differentiated
     deq.last_stats          # SolverStats, the same fields as ReversibleDEQ's
 
 solver:  "fixed_point" (relaxed iteration, damping beta in (0, 1], default 1),
@@ -34,7 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .problem import eager_under_compile, make_problem, trainable_parameters
+from .problem import bind_context, eager_under_compile, gradient_inputs, make_problem
 from .reversal import forward_solve
 from .reversible import solve
 from .settings import DEQSettings
@@ -98,15 +98,17 @@ class DEQ(nn.Module):
         return iterative_solver(name, self.settings.memory(name), self.settings.lam)
 
     @eager_under_compile
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, z0: Tensor | None = None, **context) -> Tensor:
+        """z* = f(z*, x, **context); the context's tensors that require grad get gradients."""
         s = self.settings
         self.last_adjoint_stats = None
+        f, context_tensors = bind_context(self.f, context)
         if s.solver == "reversible" and s.adjoint in ("reversible", "unrolled"):
-            solution = solve(self.f, x, z0, settings=s.reversible_solve())
+            solution = solve(f, x, z0, settings=s.reversible_solve(), parameters=context_tensors or None)
             self.last_stats = solution.stats
             return solution.z
-        params = trainable_parameters(self.f)
-        problem, start = make_problem(self.f, x, z0, s, params)
+        params = gradient_inputs(f, context_tensors)
+        problem, start = make_problem(f, x, z0, s, params)
         self.last_stats = problem.stats
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)

@@ -12,6 +12,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree
 from torch import Tensor, nn
 
 from . import fixed_point
@@ -45,9 +46,27 @@ def module_of(f) -> nn.Module | None:
     return f if isinstance(f, nn.Module) else None
 
 
-def trainable_parameters(f) -> list[Tensor]:
+def gradient_inputs(f, declared=()) -> list[Tensor]:
+    """What a solve's backward differentiates besides x and z0: the trainable parameters of
+    f's module, then the ``declared`` tensors that require grad (a context f closes over), once each."""
     module = module_of(f)
-    return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    known = {id(p) for p in params}
+    for t in declared:
+        if t.requires_grad and id(t) not in known:
+            params.append(t)
+            known.add(id(t))
+    return params
+
+
+def bind_context(f, context: dict) -> tuple[object, list[Tensor]]:
+    """``f`` with ``context`` bound as keywords, ``f(z, x, **context)``, and the tensors in the
+    context (nested in lists, tuples and dicts too) that get gradients: what the modules'
+    ``forward(x, z0, **context)`` hands to the solve."""
+    if not context:
+        return f, []
+    leaves = torch.utils._pytree.tree_leaves(context)
+    return functools.partial(f, **context), [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
 
 
 def module_buffers(f) -> list[Tensor]:
@@ -132,9 +151,9 @@ class UndeclaredInputs:
             raise ValueError(
                 f"f's output depends on {len(undeclared)} tensor(s) that require grad besides z, x and its "
                 f"parameters (shapes {shapes}): something f closes over or keeps as an attribute, or what it "
-                "was computed from. The solve's backward would leave them without gradient. Make them "
-                "parameters of an nn.Module f, pass them to rk.solve(..., parameters=[...]), or feed them "
-                "through x")
+                "was computed from. The solve's backward would leave them without gradient. Pass them as "
+                "keywords of the module's forward, deq(x, context=c), which calls f(z, x, context=c); or "
+                "to rk.solve(..., parameters=[...]); or make them parameters of an nn.Module f")
         try:
             _closures_checked.add(self.f)
         except TypeError:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import ops
 from .first_order import first_order
 from .ops.reference import accumulation_dtype
-from .problem import BufferSnapshot, Problem, eager_under_compile, make_problem, trainable_parameters
+from .problem import BufferSnapshot, Problem, bind_context, eager_under_compile, gradient_inputs, make_problem
 from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
 from .settings import SolveSettings
 from .stats import Solution, SolverStats
@@ -199,9 +199,7 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
         settings = dataclasses.replace(settings, **options)
     if parameters is not None and isinstance(f, nn.Module):
         raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
-    params = trainable_parameters(f)  # a partial's module's, then the declared extras
-    known = {id(p) for p in params}
-    params += [p for p in parameters or () if p.requires_grad and id(p) not in known]
+    params = gradient_inputs(f, parameters or ())
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
         return Solution(unrolled_solve(problem, x, z0, start), problem.stats)
@@ -256,8 +254,12 @@ class ReversibleDEQ(nn.Module):
             reversal=reversal, frac_bits=frac_bits)
         self.last_stats: SolverStats | None = None
 
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
-        solution = solve(self.f, x, z0, settings=self.settings)
+    def forward(self, x: Tensor, z0: Tensor | None = None, **context) -> Tensor:
+        """z* with z* = f(z*, x, **context): the keywords (a cross-attention memory, a mask)
+        reach every evaluation of f, and the tensors among them that require grad get
+        gradients, as f's parameters do."""
+        f, context_tensors = bind_context(self.f, context)
+        solution = solve(f, x, z0, settings=self.settings, parameters=context_tensors or None)
         self.last_stats = solution.stats
         return solution.z
 
