@@ -244,6 +244,29 @@ class Problem:
         if out.device != state.device:
             raise ValueError(f"f returned a tensor on {out.device} but the state is on {state.device}")
 
+    def parameter_versions(self) -> list[int]:
+        """The version counters of the tensors the backward differentiates, for
+        ``check_parameters_unchanged`` (autograd's own check on saved tensors, for tensors the
+        backward re-reads instead of saving)."""
+        return [p._version for p in self.params]
+
+    def check_parameters_unchanged(self, versions: list[int]) -> None:
+        """Refuse a backward whose recomputations of f would use parameters modified in place
+        since the forward pass (an optimizer step, an EMA update before ``loss.backward()``):
+        they would differentiate another f than the one solved. Plain autograd refuses the same."""
+        changed = [i for i, (p, version) in enumerate(zip(self.params, versions)) if p._version != version]
+        if not changed:
+            return
+        module = module_of(self.f)
+        names = {id(p): name for name, p in module.named_parameters()} if module is not None else {}
+        what = ", ".join(f"{names.get(id(self.params[i]), 'a tensor')} {tuple(self.params[i].shape)}"
+                         for i in changed[:4]) + (", ..." if len(changed) > 4 else "")
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"{len(changed)} of f's parameters or context tensors ({what}) changed between the solve's forward "
+            "pass and its backward, which recomputes f with them; call backward() before optimizer.step() or "
+            "any in-place update of them")
+
     def autocast_context(self):
         enabled, dtype = self.autocast
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)

@@ -70,6 +70,7 @@ def _report_backward_nonfinite(problem: Problem, step: int) -> None:
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, checkpoint_every, x, z0, start, *params):
+        ctx.parameter_versions = problem.parameter_versions()
         reversal = make_reversal(problem)
         y, z, checkpoints, ctx.f_out_dtype = forward_iteration(problem, reversal, x, start, checkpoint_every)
         ctx.problem, ctx.reversal = problem, reversal
@@ -94,6 +95,7 @@ class _ReversibleFunction(torch.autograd.Function):
     @first_order("the reversible adjoint")
     def backward(ctx, grad_z):
         problem: Problem = ctx.problem
+        problem.check_parameters_unchanged(ctx.parameter_versions)
         reversal: FloatReversal = ctx.reversal
         x, z_final, y_final, *rest = ctx.saved_tensors
         true_start = rest.pop(0) if ctx.z0_given else torch.zeros(z_final.shape, dtype=problem.state_dtype,

@@ -31,6 +31,7 @@ class AtEquilibriumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, problem, solve_forward, adjoint, x, *params):
+        ctx.parameter_versions = problem.parameter_versions()
         z = solve_forward()
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.save_for_backward(x, z)
@@ -40,6 +41,7 @@ class AtEquilibriumFunction(torch.autograd.Function):
     @first_order("DEQ's implicit or phantom adjoint")
     def backward(ctx, grad_z):
         problem = ctx.problem
+        problem.check_parameters_unchanged(ctx.parameter_versions)
         x, z = ctx.saved_tensors
         params = problem.params
         needs_x = ctx.needs_input_grad[3]
