@@ -49,6 +49,13 @@ def module_of(f) -> nn.Module | None:
 def gradient_inputs(f, declared=()) -> list[Tensor]:
     """What a solve's backward differentiates besides x and z0: the trainable parameters of
     f's module, then the ``declared`` tensors that require grad (a context f closes over), once each."""
+    if isinstance(declared, Tensor):
+        raise TypeError(f"parameters must be a list of tensors, got one Tensor of shape {tuple(declared.shape)}: "
+                        "pass parameters=[t]")
+    declared = list(declared)
+    for i, t in enumerate(declared):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"parameters[{i}] is a {type(t).__name__}, not a Tensor")
     module = module_of(f)
     params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
     known = {id(p) for p in params}

@@ -201,7 +201,7 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
         settings = dataclasses.replace(settings, **options)
     if parameters is not None and isinstance(f, nn.Module):
         raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
-    params = gradient_inputs(f, parameters or ())
+    params = gradient_inputs(f, () if parameters is None else parameters)
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
         return Solution(unrolled_solve(problem, x, z0, start), problem.stats)

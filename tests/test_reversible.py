@@ -452,6 +452,23 @@ def test_torch_compile_runs_the_solve_eagerly_with_the_same_gradients(deq):
     dynamo.reset()
 
 
+def test_bad_parameters_name_the_problem():
+    w = torch.randn(6, 6, requires_grad=True)
+
+    def f(z, x):
+        return torch.tanh(z @ w + x)
+
+    with pytest.raises(TypeError, match=r"parameters must be a list of tensors, got one Tensor of shape \(6, 6\)"):
+        rk.solve(f, torch.randn(4, 6), parameters=w)
+    with pytest.raises(TypeError, match=r"parameters\[1\] is a str, not a Tensor"):
+        rk.solve(f, torch.randn(4, 6), parameters=[w, "w"])
+    with pytest.raises(ValueError, match="pass `parameters` only for a plain function"):
+        rk.solve(Block(), torch.randn(4, 6), parameters=[w])
+    solution = rk.solve(f, torch.randn(4, 6), parameters=(t for t in [w]), max_steps=2)  # any iterable
+    solution.z.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
 def test_bad_x():
     deq = rk.ReversibleDEQ(Block(), beta=0.5, backend="torch")
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
