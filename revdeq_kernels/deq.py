@@ -34,7 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .problem import bind_context, eager_under_compile, gradient_inputs, make_problem
+from .problem import attach_f, bind_context, eager_under_compile, gradient_inputs, make_problem
 from .reversal import forward_solve
 from .reversible import solve
 from .settings import DEQSettings
@@ -82,9 +82,7 @@ class DEQ(nn.Module):
                  on_nonfinite: str = "raise", replay_rng: bool = True, reversal: str | None = None,
                  frac_bits: int | None = None):
         super().__init__()
-        if not callable(f):
-            raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
-        self.f = f
+        attach_f(self, f)
         self.settings = DEQSettings(
             solver=solver, adjoint=adjoint, max_steps=max_steps, tol=tol, beta=beta, m=m, lam=lam,
             backward_solver=backward_solver, backward_max_steps=backward_max_steps, backward_tol=backward_tol,

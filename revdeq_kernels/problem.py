@@ -46,6 +46,22 @@ def module_of(f) -> nn.Module | None:
     return f if isinstance(f, nn.Module) else None
 
 
+def check_callable(f) -> None:
+    if not callable(f):
+        raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
+
+
+def attach_f(layer: nn.Module, f) -> None:
+    """``layer.f = f``; when f is a functools.partial of a module, that module is also
+    registered, as ``layer.f_module``, so that ``layer.parameters()`` (the optimizer),
+    ``.to()`` and ``state_dict()`` include it as they would for the module itself."""
+    check_callable(f)
+    layer.f = f
+    module = module_of(f)
+    if module is not None and module is not f:
+        layer.f_module = module
+
+
 def gradient_inputs(f, declared=()) -> list[Tensor]:
     """What a solve's backward differentiates besides x and z0: the trainable parameters of
     f's module, then the ``declared`` tensors that require grad (a context f closes over), once each."""
@@ -289,8 +305,7 @@ def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
 def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tuple[Problem, Tensor]:
     """The Problem of one call and its initial state, from validated ``settings`` (a
     SolveSettings or DEQSettings; their ``beta`` is already checked for its solver)."""
-    if not callable(f):
-        raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
+    check_callable(f)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:

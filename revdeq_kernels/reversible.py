@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import ops
 from .first_order import first_order
 from .ops.reference import accumulation_dtype
-from .problem import BufferSnapshot, Problem, bind_context, eager_under_compile, gradient_inputs, make_problem
+from .problem import BufferSnapshot, Problem, attach_f, bind_context, eager_under_compile, gradient_inputs, make_problem
 from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
 from .settings import SolveSettings
 from .stats import Solution, SolverStats
@@ -247,9 +247,7 @@ class ReversibleDEQ(nn.Module):
                  backend: str | None = None, adjoint: str = "reversible", on_nonfinite: str = "raise",
                  replay_rng: bool = True, reversal: str | None = None, frac_bits: int | None = None):
         super().__init__()
-        if not callable(f):
-            raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
-        self.f = f
+        attach_f(self, f)
         self.settings = SolveSettings(
             beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype, checkpoint_every=checkpoint_every,
             backend=backend, adjoint=adjoint, on_nonfinite=on_nonfinite, replay_rng=replay_rng,

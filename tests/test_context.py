@@ -159,3 +159,19 @@ def test_nested_tensors_masks_and_numbers_in_the_context():
     halved, _ = run("reversible", scale=0.5)
     assert not torch.allclose(z, halved), "the float keyword did not reach f"
     assert mask.grad is None and not mask.requires_grad
+
+
+@pytest.mark.parametrize("layer", ["ReversibleDEQ", "DEQ"])
+def test_a_partials_module_is_registered(layer):
+    """Before: ``ReversibleDEQ(partial(block, ...)).parameters()`` was empty, so an optimizer built
+    from the model left the block untrained, and ``.to()``/``state_dict()`` skipped it."""
+    block = MemoryBlock()
+    make = rk.ReversibleDEQ if layer == "ReversibleDEQ" else rk.DEQ
+    deq = make(functools.partial(block, scale=2.0))
+    assert {id(p) for p in deq.parameters()} == {id(p) for p in block.parameters()}
+    deq.double()
+    assert all(p.dtype == F64 for p in block.parameters()), "deq.double() did not reach the partial's module"
+    copy = MemoryBlock().double()
+    make(functools.partial(copy, scale=2.0)).load_state_dict(deq.state_dict())
+    for (name, p), q in zip(block.named_parameters(), copy.parameters()):
+        assert torch.equal(p, q), f"{name} was not restored from the state_dict"
