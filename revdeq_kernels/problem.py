@@ -183,6 +183,24 @@ class UndeclaredInputs:
             pass
 
 
+def _versions(*tensors: Tensor) -> tuple:
+    """Version counters (None for inference-mode tensors, which have none)."""
+    return tuple(None if t.is_inference() else t._version for t in tensors)
+
+
+def _check_inputs_untouched(versions: tuple, z: Tensor, x: Tensor) -> None:
+    """f writing into z or x (``nn.ReLU(inplace=True)`` as its first layer) would overwrite the
+    solver's state or the input injection of every later evaluation: before, the unrolled
+    iteration returned another z than the same f computing out of place, silently."""
+    for name, version, t in (("z", versions[0], z), ("x", versions[1], x)):
+        if version is not None and t._version != version:
+            raise ValueError(
+                f"f modified its input {name} in place (an in-place op on its argument, such as "
+                f"nn.ReLU(inplace=True) applied to {name}), which would overwrite the solver's "
+                f"{'state' if name == 'z' else 'input injection'}; compute out of place on {name} "
+                f"or clone it first")
+
+
 class BufferSnapshot:
     """Restore f's buffers (BatchNorm running stats, counters) after the backward's
     recomputations, so that recomputing f does not count as another training step."""
@@ -232,6 +250,7 @@ class Problem:
         self.buffers.before_evaluation()
         with self.rng.evaluation(index):
             try:
+                versions = _versions(z_in, x)
                 if index == 0 and self.undeclared is not None and not torch.is_grad_enabled():
                     # the forward pass's first evaluation (the unrolled adjoint's runs under grad mode
                     # and needs no check): a graph on detached z and x reaches only what else needs grad.
@@ -243,6 +262,7 @@ class Problem:
                         out = out.detach()
                 else:
                     out = self.f(z_in, x)
+                _check_inputs_untouched(versions, z_in, x)
             except Exception as error:
                 if index == 0 and state.shape != x.shape:  # a z0 of another shape than x's
                     first = (str(error).strip().splitlines() or [""])[0]

@@ -469,6 +469,53 @@ def test_bad_parameters_name_the_problem():
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
+class InPlaceBlock(torch.nn.Module):
+    """ReLU(inplace=True) on an argument: writes into the tensor the solver passed in."""
+
+    def __init__(self, on: str):
+        super().__init__()
+        self.on, self.act, self.lin = on, torch.nn.ReLU(inplace=True), torch.nn.Linear(6, 6)
+
+    def forward(self, z, x):
+        if self.on == "z":
+            return torch.tanh(self.lin(self.act(z)) + x)
+        return torch.tanh(self.lin(z) + self.act(x))
+
+
+IN_PLACE_SOLVES = {
+    "exact": lambda f: rk.ReversibleDEQ(f, beta=0.5, max_steps=4),
+    "float": lambda f: rk.ReversibleDEQ(f, beta=0.5, max_steps=4, reversal="float"),
+    "unrolled": lambda f: rk.ReversibleDEQ(f, beta=0.5, max_steps=4, adjoint="unrolled"),
+    "anderson": lambda f: rk.DEQ(f, solver="anderson", max_steps=4),
+    "anderson-unrolled": lambda f: rk.DEQ(f, solver="anderson", adjoint="unrolled", max_steps=4),
+}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name", list(IN_PLACE_SOLVES))
+@pytest.mark.parametrize("on", ["z", "x"])
+def test_f_writing_into_its_inputs_is_refused(on, name, grad):
+    """Before: the unrolled iteration returned another z than the same f computing out of place
+    (norm 2.15 against 2.72), silently; the reversible backward failed inside autograd with "a leaf
+    Variable that requires grad is being used in an in-place operation"."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, requires_grad=grad) * 1  # from an upstream layer (torch itself refuses a leaf)
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=f"f modified its input {on} in place"):
+        IN_PLACE_SOLVES[name](InPlaceBlock(on))(x)
+
+
+def test_inference_mode_solves():
+    """Inference tensors have no version counter: the input check must not read one."""
+    torch.manual_seed(0)
+    f, x = Block(), torch.randn(3, 6)
+    expected = rk.ReversibleDEQ(f, beta=0.5, max_steps=4)(x).detach()
+    with torch.inference_mode():
+        for deq in (rk.ReversibleDEQ(f, beta=0.5, max_steps=4), rk.DEQ(f, max_steps=4)):
+            z = deq(x)
+            assert z.shape == x.shape
+        assert torch.equal(rk.ReversibleDEQ(f, beta=0.5, max_steps=4)(x), expected)
+
+
 def test_bad_x():
     deq = rk.ReversibleDEQ(Block(), beta=0.5, backend="torch")
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
