@@ -69,11 +69,19 @@ def _warn_once(warned: weakref.WeakSet, f, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=1)
 
 
+def _unreplayed_randomness(problem: Problem) -> str:
+    """The first suspect when f's recomputation differs and the random streams are not replayed."""
+    if problem.rng.enabled:
+        return ""
+    return ("replay_rng=False, so any random op in f (dropout) draws other numbers in the backward's "
+            "recomputation than in the forward pass: set replay_rng=True, or make f deterministic. ")
+
+
 def _warn_drift(problem: Problem, error: float, threshold: float) -> None:
     _warn_once(_warned_drift, problem.f,
                f"the reversible backward rebuilt the start state with a relative error of {error:.3g} (above "
-               f"{threshold:g}): the gradients are inexact. Use reversal='exact' for bit-exact "
-               "states, or checkpoint_every=K to restart the reconstruction every K steps")
+               f"{threshold:g}): the gradients are inexact. {_unreplayed_randomness(problem)}Use reversal='exact' "
+               "for bit-exact states, or checkpoint_every=K to restart the reconstruction every K steps")
 
 
 def _warn_resolution(problem: Problem, peak_units: int) -> None:
@@ -254,7 +262,7 @@ class ExactReversal(FloatReversal):
                 "the start state but left digits in its planes"
             raise RuntimeError(
                 f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
-                "recomputation as in the forward pass. "
+                f"recomputation as in the forward pass. {_unreplayed_randomness(self.problem)}"
                 "Look for a nondeterministic kernel (atomics: index_add_, scatter_add_, some cuDNN/cuBLAS "
                 "algorithms; torch.use_deterministic_algorithms(True) names them), a random op that "
                 "replay_rng=True does not cover, or state f keeps between calls outside its buffers "
