@@ -3,6 +3,7 @@
 from . import ops
 from .deq import DEQ
 from .ops import backends
+from .penalties import jacobian_penalty, residual_penalty
 from .reversible import ReversibleDEQ, solve
 from .settings import SolveSettings
 from .stats import Solution, SolverStats
@@ -10,4 +11,4 @@ from .stats import Solution, SolverStats
 __version__ = "0.1.0"
 
 __all__ = ["DEQ", "ReversibleDEQ", "solve", "SolveSettings", "Solution", "SolverStats", "backends", "ops",
-           "__version__"]
+           "jacobian_penalty", "residual_penalty", "__version__"]

@@ -202,8 +202,11 @@ def _check_inputs_untouched(versions: tuple, z: Tensor, x: Tensor) -> None:
 
 
 class BufferSnapshot:
-    """Restore f's buffers (BatchNorm running stats, counters) after the backward's
-    recomputations, so that recomputing f does not count as another training step."""
+    """Restore f's buffers (BatchNorm running stats, counters) after evaluations that are not
+    a forward pass of the model (the backward's recomputations, a penalty's evaluation), so
+    that they do not count as another training step. Through ``.data``, as HeldBuffers: a
+    graph that saved a buffer (training-mode BatchNorm saves its running statistics) stays
+    valid."""
 
     def __init__(self, f):
         self.saved = [(buf, buf.detach().clone()) for buf in module_buffers(f)]
@@ -212,9 +215,8 @@ class BufferSnapshot:
         return self
 
     def __exit__(self, *exc):
-        with torch.no_grad():
-            for buf, value in self.saved:
-                buf.copy_(value)
+        for buf, value in self.saved:
+            buf.data.copy_(value)
 
 
 @dataclass(frozen=True)
