@@ -34,6 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from .packing import is_several, solve_several
 from .problem import attach_f, bind_context, eager_under_compile, gradient_inputs, make_problem
 from .reversal import forward_solve
 from .reversible import solve
@@ -96,11 +97,18 @@ class DEQ(nn.Module):
         return iterative_solver(name, self.settings.memory(name), self.settings.lam)
 
     @eager_under_compile
-    def forward(self, x: Tensor, z0: Tensor | None = None, **context) -> Tensor:
-        """z* = f(z*, x, **context); the context's tensors that require grad get gradients."""
-        s = self.settings
+    def forward(self, x, z0=None, **context):
+        """z* = f(z*, x, **context); the context's tensors that require grad get gradients.
+        x and z0 may be tuples of tensors, as for ``rk.solve``."""
         self.last_adjoint_stats = None
         f, context_tensors = bind_context(self.f, context)
+        if is_several(x) or is_several(z0):
+            return solve_several(f, x, z0, lambda packed_f, x_flat, z0_flat: (
+                self._solve(packed_f, x_flat, z0_flat, context_tensors), None))[0]
+        return self._solve(f, x, z0, context_tensors)
+
+    def _solve(self, f, x: Tensor, z0: Tensor | None, context_tensors: list) -> Tensor:
+        s = self.settings
         if s.solver == "reversible" and s.adjoint in ("reversible", "unrolled"):
             solution = solve(f, x, z0, settings=s.reversible_solve(), parameters=context_tensors or None)
             self.last_stats = solution.stats

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .packing import Layout, PackedF, is_several
 from .problem import BufferSnapshot, bind_context, check_callable
 
 
@@ -18,7 +19,7 @@ def _block_of(f):
     return f.f if isinstance(f, (ReversibleDEQ, DEQ)) else f
 
 
-def jacobian_penalty(f, z: Tensor, x: Tensor, *, probes: int = 1, **context) -> Tensor:
+def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
     """||J||_F^2 / n of f in z at the solution, n = z.numel(): the mean squared singular value
     of f's Jacobian, estimated without bias by Hutchinson probes, ||v^T J||^2 / n with
     v ~ N(0, I), averaged over ``probes`` of them (Bai, Koltun & Kolter 2021, "Stabilizing
@@ -26,7 +27,7 @@ def jacobian_penalty(f, z: Tensor, x: Tensor, *, probes: int = 1, **context) -> 
     around z*, so the solver converges there and more steps keep it there.
 
     ``f`` is the block, or the ``ReversibleDEQ``/``DEQ`` holding it; ``context`` its keywords,
-    as for the layer's call. Differentiable in f's parameters, x and the context; z* is a
+    as for the layer's call; z and x may be tuples of tensors, as the layer's. Differentiable in f's parameters, x and the context; z* is a
     constant here (its gradient is the DEQ's own). f's buffers (BatchNorm's running statistics)
     are left as they were: this evaluation is not a forward pass of the model. Attention runs
     on PyTorch's math kernel, the only one with a double backward."""
@@ -36,6 +37,12 @@ def jacobian_penalty(f, z: Tensor, x: Tensor, *, probes: int = 1, **context) -> 
     check_callable(block)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
+    if is_several(z) or is_several(x):  # a state of several tensors: the Jacobian of the whole
+        z_layout = Layout.of(z, "z") if is_several(z) else None
+        x_layout = Layout.of(x, "x") if is_several(x) else None
+        block = PackedF(block, z_layout, x_layout)
+        z = z_layout.pack(z) if z_layout is not None else z
+        x = x_layout.pack(x) if x_layout is not None else x
     if not isinstance(z, Tensor) or not isinstance(x, Tensor):
         raise TypeError(f"z and x must be tensors, got {type(z).__name__} and {type(x).__name__}")
     z = z.detach().to(x.dtype).requires_grad_()

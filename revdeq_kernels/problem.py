@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import fixed_point
 from .ops import STATE_DTYPES, resolve_backend
+from .packing import PackedF
 from .rng import EvaluationRNG
 from .stats import SolverStats
 
@@ -40,9 +41,9 @@ def eager_under_compile(fn):
 
 def module_of(f) -> nn.Module | None:
     """The module behind f: f itself, or the module a functools.partial wraps (the usual way
-    to hand a block its context), whose parameters and buffers are f's."""
-    if isinstance(f, functools.partial):
-        f = f.func
+    to hand a block its context) or a PackedF (tuple states), whose parameters and buffers are f's."""
+    while isinstance(f, (functools.partial, PackedF)):
+        f = f.func if isinstance(f, functools.partial) else f.f
     return f if isinstance(f, nn.Module) else None
 
 
@@ -266,7 +267,7 @@ class Problem:
                     out = self.f(z_in, x)
                 _check_inputs_untouched(versions, z_in, x)
             except Exception as error:
-                if index == 0 and state.shape != x.shape:  # a z0 of another shape than x's
+                if index == 0 and state.shape != x.shape and not isinstance(self.f, PackedF):  # a z0 unlike x
                     first = (str(error).strip().splitlines() or [""])[0]
                     raise ValueError(
                         f"z0 has shape {tuple(state.shape)} but x has shape {tuple(x.shape)}, and f failed on it "

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import ops
 from .first_order import first_order
 from .ops.reference import accumulation_dtype
+from .packing import is_several, solve_several
 from .problem import BufferSnapshot, Problem, attach_f, bind_context, eager_under_compile, gradient_inputs, make_problem
 from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
 from .settings import SolveSettings
@@ -178,8 +179,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
 
 @eager_under_compile
-def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | None = None,
-          parameters=None, **options) -> Solution:
+def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=None, **options) -> Solution:
     """Solve the RevDEQ fixed point of ``f(z, x)`` and return ``Solution(z, stats)``.
 
     The settings are a ``SolveSettings``, or its fields as keywords (``beta=0.5,
@@ -190,7 +190,16 @@ def solve(f, x: Tensor, z0: Tensor | None = None, *, settings: SolveSettings | N
     over). ``adjoint="unrolled"`` backpropagates with plain autograd through
     the same iteration (exact, memory grows with steps): the reference the reversible
     adjoint is tested against.
+
+    x and z0 may each be a tuple of tensors (one per resolution, as in a multiscale DEQ): f
+    then takes and returns tuples, and ``Solution.z`` is a tuple (``packing.py``).
     """
+    if is_several(x) or is_several(z0):
+        def solve_flat(packed_f, x_flat, z0_flat):
+            solution = solve(packed_f, x_flat, z0_flat, settings=settings, parameters=parameters, **options)
+            return solution.z, solution.stats
+
+        return Solution(*solve_several(f, x, z0, solve_flat))
     settings = settings or SolveSettings()
     if options:
         names = [field.name for field in dataclasses.fields(SolveSettings)]
@@ -254,10 +263,10 @@ class ReversibleDEQ(nn.Module):
             reversal=reversal, frac_bits=frac_bits)
         self.last_stats: SolverStats | None = None
 
-    def forward(self, x: Tensor, z0: Tensor | None = None, **context) -> Tensor:
+    def forward(self, x, z0=None, **context):
         """z* with z* = f(z*, x, **context): the keywords (a cross-attention memory, a mask)
         reach every evaluation of f, and the tensors among them that require grad get
-        gradients, as f's parameters do."""
+        gradients, as f's parameters do. x and z0 may be tuples of tensors (see ``solve``)."""
         f, context_tensors = bind_context(self.f, context)
         solution = solve(f, x, z0, settings=self.settings, parameters=context_tensors or None)
         self.last_stats = solution.stats

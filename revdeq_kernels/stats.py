@@ -48,7 +48,7 @@ class Solution:
     filled after ``loss.backward()``.
     """
 
-    z: Tensor
+    z: Tensor | tuple[Tensor, ...]  # a tuple for a state of several tensors
     stats: SolverStats
 
     def __getattr__(self, name: str):

@@ -80,7 +80,9 @@ def test_jacobian_penalty_errors_name_the_problem():
         rk.jacobian_penalty(f, z, x, probes=0)
     with pytest.raises(ValueError, match=r"f returned \(2, 3\) for z of shape \(2, 6\)"):
         rk.jacobian_penalty(lambda z, x: z[:, :3], z, x)
-    with pytest.raises(TypeError, match="z and x must be tensors, got list and Tensor"):
+    with pytest.raises(TypeError, match="z and x must be tensors, got str and Tensor"):
+        rk.jacobian_penalty(f, "z", x)
+    with pytest.raises(TypeError, match=r"z\[0\] is a float, not a Tensor"):
         rk.jacobian_penalty(f, [1.0], x)
 
 
