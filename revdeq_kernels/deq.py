@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from .packing import is_several, solve_several
-from .problem import attach_f, bind_context, eager_under_compile, gradient_inputs, make_problem
+from .f_module import attach_f, bind_context, gradient_inputs
+from .problem import eager_under_compile, make_problem
 from .reversal import forward_solve
 from .reversible import solve
 from .settings import DEQSettings

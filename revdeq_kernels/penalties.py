@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .packing import Layout, PackedF, is_several
-from .problem import BufferSnapshot, bind_context, check_callable
+from .f_module import BufferSnapshot, bind_context, check_callable
 
 
 def _block_of(f):
@@ -27,10 +27,11 @@ def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
     around z*, so the solver converges there and more steps keep it there.
 
     ``f`` is the block, or the ``ReversibleDEQ``/``DEQ`` holding it; ``context`` its keywords,
-    as for the layer's call; z and x may be tuples of tensors, as the layer's. Differentiable in f's parameters, x and the context; z* is a
-    constant here (its gradient is the DEQ's own). f's buffers (BatchNorm's running statistics)
-    are left as they were: this evaluation is not a forward pass of the model. Attention runs
-    on PyTorch's math kernel, the only one with a double backward."""
+    as for the layer's call; z and x may be tuples of tensors, as for the layer. Differentiable
+    in f's parameters, x and the context; z* is a constant here (its gradient is the DEQ's own).
+    f's buffers (BatchNorm's running statistics) are left as they were: this evaluation is not
+    a forward pass of the model. Attention runs on PyTorch's math kernel, the only one with a
+    double backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     block, _ = bind_context(_block_of(f), context)

@@ -7,15 +7,14 @@ the same per-evaluation random stream, and the same checks on what f returns.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.utils._pytree
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import fixed_point
+from .f_module import HeldBuffers, check_callable, module_of
 from .ops import STATE_DTYPES, resolve_backend
 from .packing import PackedF
 from .rng import EvaluationRNG
@@ -37,96 +36,6 @@ def eager_under_compile(fn):
         return torch.compiler.disable(fn, reason=EAGER_UNDER_COMPILE)
     except TypeError:  # torch before 2.8 takes no reason
         return torch.compiler.disable(fn)
-
-
-def module_of(f) -> nn.Module | None:
-    """The module behind f: f itself, or the module a functools.partial wraps (the usual way
-    to hand a block its context) or a PackedF (tuple states), whose parameters and buffers are f's."""
-    while isinstance(f, (functools.partial, PackedF)):
-        f = f.func if isinstance(f, functools.partial) else f.f
-    return f if isinstance(f, nn.Module) else None
-
-
-def check_callable(f) -> None:
-    if not callable(f):
-        raise TypeError(f"f must be callable (an nn.Module or a function), got {type(f).__name__}")
-
-
-def attach_f(layer: nn.Module, f) -> None:
-    """``layer.f = f``; when f is a functools.partial of a module, that module is also
-    registered, as ``layer.f_module``, so that ``layer.parameters()`` (the optimizer),
-    ``.to()`` and ``state_dict()`` include it as they would for the module itself."""
-    check_callable(f)
-    layer.f = f
-    module = module_of(f)
-    if module is not None and module is not f:
-        layer.f_module = module
-
-
-def gradient_inputs(f, declared=()) -> list[Tensor]:
-    """What a solve's backward differentiates besides x and z0: the trainable parameters of
-    f's module, then the ``declared`` tensors that require grad (a context f closes over), once each."""
-    if isinstance(declared, Tensor):
-        raise TypeError(f"parameters must be a list of tensors, got one Tensor of shape {tuple(declared.shape)}: "
-                        "pass parameters=[t]")
-    declared = list(declared)
-    for i, t in enumerate(declared):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"parameters[{i}] is a {type(t).__name__}, not a Tensor")
-    module = module_of(f)
-    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    known = {id(p) for p in params}
-    for t in declared:
-        if t.requires_grad and id(t) not in known:
-            params.append(t)
-            known.add(id(t))
-    return params
-
-
-def bind_context(f, context: dict) -> tuple[object, list[Tensor]]:
-    """``f`` with ``context`` bound as keywords, ``f(z, x, **context)``, and the tensors in the
-    context (nested in lists, tuples and dicts too) that get gradients: what the modules'
-    ``forward(x, z0, **context)`` hands to the solve."""
-    if not context:
-        return f, []
-    leaves = torch.utils._pytree.tree_leaves(context)
-    return functools.partial(f, **context), [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
-
-
-def module_buffers(f) -> list[Tensor]:
-    module = module_of(f)
-    return list(module.buffers()) if module is not None else []
-
-
-class HeldBuffers:
-    """f's buffers, held at their values from a solve's first evaluation for every evaluation of
-    that solve, forward and backward.
-
-    A module that updates a buffer when called (spectral_norm's power iteration, BatchNorm's
-    running statistics, a counter) is otherwise a different function at every evaluation, and
-    the backward's recomputations, which come after all of the forward's updates, cannot match
-    the forward: reversal="exact" refused, the float reversal drifted silently. Held, every
-    evaluation starts from the same buffers, and the forward pass leaves them as its last
-    evaluation updated them: one power iteration, one running-statistics update per solve, as
-    for a layer called once.
-
-    Every buffer is put back before every evaluation but the first: whether f wrote one cannot
-    be told without reading it on the device (BatchNorm's kernel writes its running statistics
-    without bumping their version counters). The write goes through ``.data``, as that kernel's
-    does, so a graph that saved the buffer (adjoint="unrolled") sees no version change."""
-
-    def __init__(self, f):
-        self.buffers = module_buffers(f)
-        self.start: list[Tensor] | None = None
-
-    def before_evaluation(self) -> None:
-        if not self.buffers:
-            return
-        if self.start is None:
-            self.start = [buf.detach().clone() for buf in self.buffers]
-            return
-        for buf, value in zip(self.buffers, self.start):
-            buf.data.copy_(value)
 
 
 _closures_checked: weakref.WeakSet = weakref.WeakSet()
@@ -200,24 +109,6 @@ def _check_inputs_untouched(versions: tuple, z: Tensor, x: Tensor) -> None:
                 f"nn.ReLU(inplace=True) applied to {name}), which would overwrite the solver's "
                 f"{'state' if name == 'z' else 'input injection'}; compute out of place on {name} "
                 f"or clone it first")
-
-
-class BufferSnapshot:
-    """Restore f's buffers (BatchNorm running stats, counters) after evaluations that are not
-    a forward pass of the model (the backward's recomputations, a penalty's evaluation), so
-    that they do not count as another training step. Through ``.data``, as HeldBuffers: a
-    graph that saved a buffer (training-mode BatchNorm saves its running statistics) stays
-    valid."""
-
-    def __init__(self, f):
-        self.saved = [(buf, buf.detach().clone()) for buf in module_buffers(f)]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for buf, value in self.saved:
-            buf.data.copy_(value)
 
 
 @dataclass(frozen=True)

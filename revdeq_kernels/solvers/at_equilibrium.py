@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..first_order import first_order
-from ..problem import BufferSnapshot
+from ..f_module import BufferSnapshot
 
 
 def vjps_or_zeros(out: Tensor, inputs: list[Tensor], cotangent: Tensor, retain_graph: bool) -> list:
