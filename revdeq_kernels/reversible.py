@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from . import ops
 from .first_order import first_order
 from .ops.reference import accumulation_dtype
-from .packing import is_several, solve_several
 from .f_module import BufferSnapshot, attach_f, bind_context, gradient_inputs
+from .packing import is_several, solve_several
 from .problem import Problem, eager_under_compile, make_problem
 from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
 from .settings import SolveSettings
