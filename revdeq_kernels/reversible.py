@@ -187,8 +187,8 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
     max_steps=16``; the same as ``ReversibleDEQ``'s), or both: keywords override.
     Gradients flow to x, to z0 when it requires grad, and to the parameters of f: all of
     an nn.Module's trainable parameters (or those of the module a functools.partial wraps),
-    plus the tensors given in ``parameters`` for a function or partial (a context it closes
-    over). ``adjoint="unrolled"`` backpropagates with plain autograd through
+    plus the tensors given in ``parameters`` (a context a function or partial closes over, a
+    tensor a module keeps as a plain attribute; a module's own parameters among them count once). ``adjoint="unrolled"`` backpropagates with plain autograd through
     the same iteration (exact, memory grows with steps): the reference the reversible
     adjoint is tested against.
 
@@ -209,8 +209,6 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
             raise TypeError(f"solve() got unknown settings {unknown}; the settings are the fields of "
                             f"SolveSettings: {', '.join(names)}")
         settings = dataclasses.replace(settings, **options)
-    if parameters is not None and isinstance(f, nn.Module):
-        raise ValueError("pass `parameters` only for a plain function; an nn.Module's are found")
     params = gradient_inputs(f, () if parameters is None else parameters)
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
