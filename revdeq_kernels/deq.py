@@ -101,11 +101,15 @@ class DEQ(nn.Module):
     def forward(self, x, z0=None, **context):
         """z* = f(z*, x, **context); the context's tensors that require grad get gradients.
         x and z0 may be tuples of tensors, as for ``rk.solve``."""
+        if "states_at" in context:  # a keyword of ReversibleDEQ's: say so rather than hand it to f
+            raise TypeError("DEQ does not return intermediate states (states_at=): its solvers' iterates have no "
+                            "gradient of their own; use rk.ReversibleDEQ(..., ) or rk.solve, whose states_at "
+                            "states get exact gradients")
         self.last_adjoint_stats = None
         f, context_tensors = bind_context(self.f, context)
         if is_several(x) or is_several(z0):
             return solve_several(f, x, z0, lambda packed_f, x_flat, z0_flat: (
-                self._solve(packed_f, x_flat, z0_flat, context_tensors), None))[0]
+                [self._solve(packed_f, x_flat, z0_flat, context_tensors)], None))[0][0]
         return self._solve(f, x, z0, context_tensors)
 
     def _solve(self, f, x: Tensor, z0: Tensor | None, context_tensors: list) -> Tensor:
@@ -136,7 +140,7 @@ class DEQ(nn.Module):
 
     def _solve_without_graph(self, problem, x: Tensor, start: Tensor) -> Tensor:
         if self.settings.solver == "reversible":
-            return forward_solve(problem, x, start)
+            return forward_solve(problem, x, start)[0]
         evaluate = partial(_call_f, problem, x)
         z = self._iterate(self.settings.solver)(problem, evaluate, start.clone())
         problem.stats.nfe_forward = 1 + problem.stats.steps

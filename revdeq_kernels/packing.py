@@ -89,9 +89,10 @@ class PackedF:
 
 
 def solve_several(f, x, z0, solve_flat):
-    """``solve_flat(packed_f, x_flat, z0_flat) -> (z_flat, extra)`` on the packed problem;
-    returns ``(z, extra)`` with z unpacked as the state's components (a tuple) when the state
-    has several, else the tensor."""
+    """``solve_flat(packed_f, x_flat, z0_flat) -> (states_flat, extra)`` on the packed problem,
+    where ``states_flat`` is a list of flat states (the solution, then any others asked for);
+    returns ``(states, extra)`` with each state unpacked as its components (a tuple) when the
+    state has several, else the tensor."""
     x_layout = Layout.of(x, "x") if is_several(x) else None
     x_flat = x_layout.pack(x) if x_layout is not None else x
     if is_several(z0):
@@ -101,5 +102,5 @@ def solve_several(f, x, z0, solve_flat):
         z_layout, z0_flat = x_layout, None
     else:
         z_layout, z0_flat = None, z0
-    z_flat, extra = solve_flat(PackedF(f, z_layout, x_layout), x_flat, z0_flat)
-    return (z_layout.unpack(z_flat) if z_layout is not None else z_flat), extra
+    states_flat, extra = solve_flat(PackedF(f, z_layout, x_layout), x_flat, z0_flat)
+    return [z_layout.unpack(z) if z_layout is not None else z for z in states_flat], extra

@@ -275,13 +275,15 @@ def make_reversal(problem: Problem) -> FloatReversal:
 
 
 def forward_iteration(problem: Problem, reversal: FloatReversal, x: Tensor, start: Tensor,
-                      checkpoint_every: int | None):
+                      checkpoint_every: int | None, keep: tuple[int, ...] = ()):
     """Run the iteration without a graph. Returns (y_N, z_N, {step: (y, z)} checkpoints,
-    the dtype f returns: the backward's cotangents are cast to it). The states are in the
-    reversal's representation (float, or int64 fixed point)."""
+    the dtype f returns: the backward's cotangents are cast to it, {step: z} for the steps of
+    ``keep`` the iteration reached). The states are in the reversal's representation (float,
+    or int64 fixed point)."""
     y, z = reversal.start(start)
     F = problem.call_f(reversal.f_input(z), x, 0)
     checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
+    kept: dict[int, Tensor] = {}
     monitor = ConvergenceMonitor(problem)
     steps = problem.max_steps
     for n in range(problem.max_steps):
@@ -298,15 +300,26 @@ def forward_iteration(problem: Problem, reversal: FloatReversal, x: Tensor, star
         F = problem.call_f(reversal.f_input(z), x, 2 * n + 2)
         if checkpoint_every and (n + 1) % checkpoint_every == 0 and n + 1 < problem.max_steps:
             checkpoints[n + 1] = (y.clone(), z.clone())
+        if n + 1 in keep:
+            kept[n + 1] = z.clone()
     else:
         monitor.converged(steps, *reversal.residual(z, F))
     reversal.check_forward(z)
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
-    return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype
+    return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype, kept
 
 
-def forward_solve(problem: Problem, x: Tensor, start: Tensor) -> Tensor:
-    """The iteration without a graph or anything saved for a backward: z_N in state_dtype."""
+def kept_states(reversal: FloatReversal, kept: dict[int, Tensor], z_out: Tensor, keep: tuple[int, ...]) -> list:
+    """The states of ``keep`` as the solve returns them; a step past the stop is the returned
+    ``z_out`` (the iteration stopped there), as a tensor of its own."""
+    return [reversal.output(kept[k]) if k in kept else z_out.clone() for k in keep]
+
+
+def forward_solve(problem: Problem, x: Tensor, start: Tensor, keep: tuple[int, ...] = ()) -> tuple[Tensor, list]:
+    """The iteration without a graph or anything saved for a backward: z_N in state_dtype,
+    and the states of ``keep``."""
     reversal = make_reversal(problem)
-    return reversal.output(forward_iteration(problem, reversal, x, start, None)[1])
+    _, z, _, _, kept = forward_iteration(problem, reversal, x, start, None, keep)
+    z_out = reversal.output(z)
+    return z_out, kept_states(reversal, kept, z_out, keep)

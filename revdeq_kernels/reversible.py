@@ -29,8 +29,9 @@ from .ops.reference import accumulation_dtype
 from .f_module import BufferSnapshot, attach_f, bind_context, gradient_inputs
 from .packing import is_several, solve_several
 from .problem import Problem, eager_under_compile, make_problem
-from .reversal import FloatReversal, forward_iteration, forward_solve, make_reversal, relative_gap, state_scale
-from .settings import SolveSettings
+from .reversal import (FloatReversal, forward_iteration, forward_solve, kept_states, make_reversal, relative_gap,
+                       state_scale)
+from .settings import SolveSettings, state_steps
 from .stats import Solution, SolverStats
 from .unrolled import unrolled_solve
 
@@ -71,11 +72,12 @@ def _report_backward_nonfinite(problem: Problem, step: int) -> None:
 
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, checkpoint_every, x, z0, start, *params):
+    def forward(ctx, problem: Problem, checkpoint_every, keep, x, z0, start, *params):
         ctx.parameter_versions = problem.parameter_versions()
         reversal = make_reversal(problem)
-        y, z, checkpoints, ctx.f_out_dtype = forward_iteration(problem, reversal, x, start, checkpoint_every)
-        ctx.problem, ctx.reversal = problem, reversal
+        y, z, checkpoints, ctx.f_out_dtype, kept = forward_iteration(problem, reversal, x, start,
+                                                                     checkpoint_every, keep)
+        ctx.problem, ctx.reversal, ctx.keep = problem, reversal, keep
         ctx.checkpoint_steps = sorted(checkpoints)
         ctx.z0_given = z0 is not None
         ctx.z0_dtype = z0.dtype if z0 is not None else None
@@ -91,11 +93,12 @@ class _ReversibleFunction(torch.autograd.Function):
             saved.extend(planes_y + planes_z)
             reversal.planes = {}  # from here on held by autograd only, freed after the backward
         ctx.save_for_backward(*saved)
-        return reversal.output(z)
+        z_out = reversal.output(z)
+        return (z_out, *kept_states(reversal, kept, z_out, keep))
 
     @staticmethod
     @first_order("the reversible adjoint")
-    def backward(ctx, grad_z):
+    def backward(ctx, grad_z, *grad_states):
         problem: Problem = ctx.problem
         problem.check_parameters_unchanged(ctx.parameter_versions)
         reversal: FloatReversal = ctx.reversal
@@ -111,12 +114,21 @@ class _ReversibleFunction(torch.autograd.Function):
             reversal.restore((planes[:count_y], planes[count_y:], *ctx.planes_used))
         b, backend, stats = problem.beta, problem.backend, problem.stats
         params = problem.params
-        needs_x = ctx.needs_input_grad[2]
+        needs_x = ctx.needs_input_grad[3]
 
         z, y = z_final.clone(), y_final.clone()  # z_N may be referenced downstream: never mutate it
         # Adjoints accumulate over every step: never narrower than float32 (bf16 states).
         gz = grad_z.to(accumulation_dtype(problem.state_dtype)).contiguous().clone()
         gy = torch.zeros_like(gz)
+        # The returned states (states_at): a step past the stop is z_N, whose cotangent joins
+        # grad_z; an earlier one joins the sweep where it has rebuilt that step's adjoint.
+        state_cotangents = {}
+        for step, g in zip(ctx.keep, grad_states):
+            if g is not None:
+                if step >= stats.steps:
+                    gz.add_(g)
+                else:
+                    state_cotangents[step] = g
         cotangent = torch.mul(gz, b).to(ctx.f_out_dtype)
         x_in = x.detach().requires_grad_(needs_x)
         grad_x, grad_params = None, [None] * len(params)
@@ -154,6 +166,9 @@ class _ReversibleFunction(torch.autograd.Function):
                 f_z, vjp = evaluate_with_vjp(z, 2 * n)                # f(z_n)
                 reversal.undo_y(y, f_z, n)                            # y_n
                 ops.adjoint_accumulate_(gz, vjp, cotangent, b, False, backend=backend)
+                if n in state_cotangents:  # gz is dL/dz_n through the iteration: add z_n's own
+                    gz.add_(state_cotangents[n])
+                    cotangent.copy_(torch.mul(gz, b))
                 nonfinite.record(n, gz, gy, *(() if problem.exact else (y, z)))
                 if n in checkpoints:  # restart from the stored states: drift bounded by K steps
                     y_true, z_true = checkpoints[n]
@@ -171,16 +186,17 @@ class _ReversibleFunction(torch.autograd.Function):
                     g.fill_(math.nan)
 
         grad_z0 = None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             grad_z0 = gz.add_(gy).to(ctx.z0_dtype)  # y_0 = z_0 = z0: both states start from z0
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params)]
-        return (None, None, grad_x, grad_z0, None, *grad_params)
+        return (None, None, None, grad_x, grad_z0, None, *grad_params)
 
 
 @eager_under_compile
-def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=None, **options) -> Solution:
+def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=None, states_at=None,
+          **options) -> Solution:
     """Solve the RevDEQ fixed point of ``f(z, x)`` and return ``Solution(z, stats)``.
 
     The settings are a ``SolveSettings``, or its fields as keywords (``beta=0.5,
@@ -192,15 +208,21 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
     the same iteration (exact, memory grows with steps): the reference the reversible
     adjoint is tested against.
 
+    ``states_at=(k1, k2, ...)``: also return z after those steps (``Solution.states``), each
+    with its exact gradient, for a loss on the trajectory; a step past the stop is the
+    returned z.
+
     x and z0 may each be a tuple of tensors (one per resolution, as in a multiscale DEQ): f
     then takes and returns tuples, and ``Solution.z`` is a tuple (``packing.py``).
     """
     if is_several(x) or is_several(z0):
         def solve_flat(packed_f, x_flat, z0_flat):
-            solution = solve(packed_f, x_flat, z0_flat, settings=settings, parameters=parameters, **options)
-            return solution.z, solution.stats
+            solution = solve(packed_f, x_flat, z0_flat, settings=settings, parameters=parameters,
+                             states_at=states_at, **options)
+            return [solution.z, *solution.states], solution.stats
 
-        return Solution(*solve_several(f, x, z0, solve_flat))
+        (z, *states), stats = solve_several(f, x, z0, solve_flat)
+        return Solution(z, stats, states)
     settings = settings or SolveSettings()
     if options:
         names = [field.name for field in dataclasses.fields(SolveSettings)]
@@ -209,19 +231,20 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
             raise TypeError(f"solve() got unknown settings {unknown}; the settings are the fields of "
                             f"SolveSettings: {', '.join(names)}")
         settings = dataclasses.replace(settings, **options)
+    keep = state_steps(states_at, settings.max_steps)
     params = gradient_inputs(f, () if parameters is None else parameters)
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
-        return Solution(unrolled_solve(problem, x, z0, start), problem.stats)
+        return Solution(*unrolled_solve(problem, x, z0, start, keep))
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params)
     )
     if not needs_grad:
         with torch.no_grad():
-            z = forward_solve(problem, x, start)
-        return Solution(z, problem.stats)
-    z = _ReversibleFunction.apply(problem, settings.checkpoint_every, x, z0, start, *params)
-    return Solution(z, problem.stats)
+            z, states = forward_solve(problem, x, start, keep)
+        return Solution(z, problem.stats, states)
+    z, *states = _ReversibleFunction.apply(problem, settings.checkpoint_every, keep, x, z0, start, *params)
+    return Solution(z, problem.stats, states)
 
 
 class ReversibleDEQ(nn.Module):
@@ -262,14 +285,17 @@ class ReversibleDEQ(nn.Module):
             reversal=reversal, frac_bits=frac_bits)
         self.last_stats: SolverStats | None = None
 
-    def forward(self, x, z0=None, **context):
+    def forward(self, x, z0=None, *, states_at=None, **context):
         """z* with z* = f(z*, x, **context): the keywords (a cross-attention memory, a mask)
         reach every evaluation of f, and the tensors among them that require grad get
-        gradients, as f's parameters do. x and z0 may be tuples of tensors (see ``solve``)."""
+        gradients, as f's parameters do. x and z0 may be tuples of tensors (see ``solve``).
+        With ``states_at=(k1, k2, ...)`` it returns instead the list of z after those steps,
+        each with its exact gradient (a step past the stop is the solution)."""
         f, context_tensors = bind_context(self.f, context)
-        solution = solve(f, x, z0, settings=self.settings, parameters=context_tensors or None)
+        solution = solve(f, x, z0, settings=self.settings, parameters=context_tensors or None,
+                         states_at=states_at)
         self.last_stats = solution.stats
-        return solution.z
+        return solution.z if states_at is None else solution.states
 
     def extra_repr(self) -> str:
         s = self.settings

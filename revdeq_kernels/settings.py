@@ -75,6 +75,24 @@ def choice(name: str, value, choices) -> None:
         raise SettingError(name, f"must be one of {tuple(choices)}, got {value!r}")
 
 
+def state_steps(value, max_steps: int) -> tuple[int, ...]:
+    """``states_at``, the steps whose states a call returns besides the solution: increasing
+    ints in 1..max_steps (a call's argument, checked against its settings)."""
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        raise TypeError(f"states_at must be a sequence of steps, got the int {value}: pass ({value},)")
+    steps = tuple(value)
+    if not steps:
+        raise ValueError("states_at is empty; give at least one step, or None")
+    for k in steps:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_steps:
+            raise ValueError(f"states_at must hold ints in 1..max_steps={max_steps}, got {k!r}")
+    if any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"states_at must be increasing, got {steps}")
+    return steps
+
+
 def _state_dtype(value) -> None:
     if value is not None and value not in STATE_DTYPES:
         raise TypeError(f"state_dtype must be one of {STATE_DTYPES} or None, got {value}")

@@ -43,13 +43,15 @@ class SolverStats:
 class Solution:
     """Return value of :func:`revdeq_kernels.solve`: the equilibrium ``z`` and the live stats.
 
-    The stats' fields are readable directly (``sol.steps``, ``sol.residual``, ...); the
+    ``states`` holds the states a call asked for with ``states_at`` (a state's steps past the
+    stop are the returned ``z``). The stats' fields are readable directly (``sol.steps``, ``sol.residual``, ...); the
     backward pass writes into the same stats object, so ``sol.reconstruction_error`` is
     filled after ``loss.backward()``.
     """
 
     z: Tensor | tuple[Tensor, ...]  # a tuple for a state of several tensors
     stats: SolverStats
+    states: list = field(default_factory=list)  # z after each step of ``states_at``, in its order
 
     def __getattr__(self, name: str):
         if name in SolverStats.__dataclass_fields__ or name in ("max_residual", "max_abs_residual"):

@@ -16,14 +16,17 @@ from .convergence import ConvergenceMonitor
 from .ops.reference import relax, residual_norms
 
 
-def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor) -> Tensor:
-    """Returns z_N with the whole iteration in the autograd graph."""
+def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
+                   keep: tuple[int, ...] = ()) -> tuple[Tensor, object, list]:
+    """Returns (z_N, the stats, [z after each step of ``keep``; past the stop, z_N]) with the
+    whole iteration in the autograd graph."""
     b = problem.beta
     z = start if z0 is None else z0.to(problem.state_dtype)  # keeps the graph to z0
     y = z
     F = problem.call_f(z, x, 0)
     monitor = ConvergenceMonitor(problem)
     steps = problem.max_steps
+    kept = {}
     for n in range(problem.max_steps):
         if n > 0:
             with torch.no_grad():
@@ -33,9 +36,11 @@ def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor) -> Tens
         y = relax(y, F, b)
         z = relax(z, problem.call_f(y, x, 2 * n + 1), b)
         F = problem.call_f(z, x, 2 * n + 2)
+        if n + 1 in keep:
+            kept[n + 1] = z
     else:
         with torch.no_grad():
             monitor.converged(steps, *residual_norms(z, F))
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
-    return z
+    return z, problem.stats, [kept.get(k, z) for k in keep]

@@ -1,0 +1,135 @@
+"""A loss on the trajectory (``states_at``): exactness, saved memory and step time, measured.
+
+`python bench/trajectory.py [--json PATH]` solves the language model's block shape
+(z + 0.5 MLP(LN(z + Wx)), width 64, batch 8; expansive) for N steps and puts a loss on z at
+N/4, N/2, 3N/4 and N, as a fixed-point correction does. For each N it prints:
+- the relative error of dL/d(x, parameters) against float64 autograd through the unrolled
+  iteration, for float32 autograd (backprop's own rounding), the exact reversal and the
+  float reversal in float32;
+- the bytes autograd saves for the backward (the saved-tensor hooks' count), with and
+  without the four states, and for unrolled autograd;
+- the training step time of the exact reversal with the four states over without, at
+  batch 128 (median of alternated runs; one CPU thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+import revdeq_kernels as rk
+from drift import ResidualBlock
+
+WIDTH, BATCH = 64, 8
+TIMING_BATCH = 128  # large enough that the step's arithmetic, not Python, sets the time
+
+
+def quarter_steps(steps: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, steps * q // 4) for q in (1, 2, 3, 4)}))
+
+
+def problem(dtype: torch.dtype, steps: int, batch: int = BATCH):
+    torch.manual_seed(0)  # drawn in float64, then cast: the same problem in every dtype
+    f = ResidualBlock(WIDTH).double()
+    x = torch.randn(batch, WIDTH, dtype=torch.float64)
+    weights = [torch.randn(batch, WIDTH, dtype=torch.float64) for _ in quarter_steps(steps)]
+    return f.to(dtype), x.to(dtype).requires_grad_(), [w.to(dtype) for w in weights]
+
+
+def trajectory_loss(f, x, weights, steps, **settings):
+    solution = rk.solve(f, x, beta=settings.pop("beta"), max_steps=steps, tol=0, states_at=quarter_steps(steps),
+                        **settings)
+    return sum((w * s).double().sum() for w, s in zip(weights, solution.states))
+
+
+def gradients(dtype, steps, **settings):
+    f, x, weights = problem(dtype, steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float reversal's drift warning: measured here
+        trajectory_loss(f, x, weights, steps, on_nonfinite="warn", **settings).backward()
+    return torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in f.parameters()]).double()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def saved_bytes(steps, with_states: bool, **settings) -> int:
+    """What autograd saves while the solve runs (the loss's own saved tensors not counted)."""
+    f, x, _ = problem(torch.float32, steps)
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rk.solve(f, x, max_steps=steps, tol=0, states_at=quarter_steps(steps) if with_states else None, **settings)
+    return total
+
+
+def step_time_ratio(steps: int, beta: float, repeats: int) -> float:
+    """Median time of (solve + four-state loss + backward) over (solve + loss on z + backward)."""
+    f, x, weights = problem(torch.float32, steps, TIMING_BATCH)
+
+    def with_states():
+        trajectory_loss(f, x, weights, steps, beta=beta).backward()
+
+    def plain():
+        rk.solve(f, x, beta=beta, max_steps=steps, tol=0).z.square().sum().backward()
+
+    times = {with_states: [], plain: []}
+    for run in (with_states, plain):
+        run()  # warm-up
+    for _ in range(repeats):
+        for run in (with_states, plain):
+            start = time.perf_counter()
+            run()
+            times[run].append(time.perf_counter() - start)
+    return statistics.median(times[with_states]) / statistics.median(times[plain])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="16,64", help="comma-separated")
+    parser.add_argument("--betas", default="0.5,0.8", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"# trajectory loss: torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
+          f"residual block width {WIDTH}, batch {BATCH}, loss on z at N/4, N/2, 3N/4, N; float32 unless named")
+    print("| beta | N | float32 autograd | exact reversal | float reversal | saved: exact, 4 states "
+          "| saved: exact, z only | saved: unrolled | step time, 4 states / z only |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for beta in map(float, args.betas.split(",")):
+        for steps in map(int, args.steps.split(",")):
+            truth = gradients(torch.float64, steps, beta=beta, adjoint="unrolled")
+            row = dict(beta=beta, steps=steps,
+                       autograd_f32=relative(gradients(torch.float32, steps, beta=beta, adjoint="unrolled"), truth),
+                       exact=relative(gradients(torch.float32, steps, beta=beta, reversal="exact"), truth),
+                       float=relative(gradients(torch.float32, steps, beta=beta, reversal="float"), truth),
+                       saved_exact_states=saved_bytes(steps, True, beta=beta, reversal="exact"),
+                       saved_exact=saved_bytes(steps, False, beta=beta, reversal="exact"),
+                       saved_unrolled=saved_bytes(steps, True, beta=beta, adjoint="unrolled"),
+                       time_ratio=step_time_ratio(steps, beta, args.repeats))
+            rows.append(row)
+            print(f"| {beta} | {steps} | {row['autograd_f32']:.1e} | {row['exact']:.1e} | {row['float']:.2g} "
+                  f"| {row['saved_exact_states'] / 1024:.0f} KiB | {row['saved_exact'] / 1024:.0f} KiB "
+                  f"| {row['saved_unrolled'] / 1024:.0f} KiB | {row['time_ratio']:.3f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
