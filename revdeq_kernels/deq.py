@@ -103,7 +103,7 @@ class DEQ(nn.Module):
         x and z0 may be tuples of tensors, as for ``rk.solve``."""
         if "states_at" in context:  # a keyword of ReversibleDEQ's: say so rather than hand it to f
             raise TypeError("DEQ does not return intermediate states (states_at=): its solvers' iterates have no "
-                            "gradient of their own; use rk.ReversibleDEQ(..., ) or rk.solve, whose states_at "
+                            "gradient of their own; use rk.ReversibleDEQ or rk.solve, whose states_at "
                             "states get exact gradients")
         self.last_adjoint_stats = None
         f, context_tensors = bind_context(self.f, context)
