@@ -98,26 +98,36 @@ class DEQ(nn.Module):
         return iterative_solver(name, self.settings.memory(name), self.settings.lam)
 
     @eager_under_compile
-    def forward(self, x, z0=None, **context):
+    def forward(self, x, z0=None, *, states_at=None, **context):
         """z* = f(z*, x, **context); the context's tensors that require grad get gradients.
-        x and z0 may be tuples of tensors, as for ``rk.solve``."""
-        if "states_at" in context:  # a keyword of ReversibleDEQ's: say so rather than hand it to f
-            raise TypeError("DEQ does not return intermediate states (states_at=): its solvers' iterates have no "
-                            "gradient of their own; use rk.ReversibleDEQ or rk.solve, whose states_at "
-                            "states get exact gradients")
+        x and z0 may be tuples of tensors, as for ``rk.solve``. ``states_at`` (the reversible
+        iteration with the reversible or unrolled adjoint only) returns instead the list of z
+        after those steps, as ``ReversibleDEQ`` does."""
+        s = self.settings
+        if states_at is not None and not (s.solver == "reversible" and s.adjoint in ("reversible", "unrolled")):
+            raise ValueError(f"states_at needs solver='reversible' with adjoint='reversible' or 'unrolled', whose "
+                             f"iterates have exact gradients; this DEQ has solver={s.solver!r}, adjoint={s.adjoint!r}")
         self.last_adjoint_stats = None
         f, context_tensors = bind_context(self.f, context)
         if is_several(x) or is_several(z0):
-            return solve_several(f, x, z0, lambda packed_f, x_flat, z0_flat: (
-                [self._solve(packed_f, x_flat, z0_flat, context_tensors)], None))[0][0]
-        return self._solve(f, x, z0, context_tensors)
+            states = solve_several(f, x, z0, lambda packed_f, x_flat, z0_flat: (
+                self._solve(packed_f, x_flat, z0_flat, context_tensors, states_at), None))[0]
+        else:
+            states = self._solve(f, x, z0, context_tensors, states_at)
+        return states if states_at is not None else states[0]
 
-    def _solve(self, f, x: Tensor, z0: Tensor | None, context_tensors: list) -> Tensor:
+    def _solve(self, f, x: Tensor, z0: Tensor | None, context_tensors: list, states_at=None) -> list[Tensor]:
+        """[z*], or the states of ``states_at``."""
         s = self.settings
         if s.solver == "reversible" and s.adjoint in ("reversible", "unrolled"):
-            solution = solve(f, x, z0, settings=s.reversible_solve(), parameters=context_tensors or None)
+            solution = solve(f, x, z0, settings=s.reversible_solve(), parameters=context_tensors or None,
+                             states_at=states_at)
             self.last_stats = solution.stats
-            return solution.z
+            return solution.states if states_at is not None else [solution.z]
+        return [self._solve_at_equilibrium(f, x, z0, context_tensors)]
+
+    def _solve_at_equilibrium(self, f, x: Tensor, z0: Tensor | None, context_tensors: list) -> Tensor:
+        s = self.settings
         params = gradient_inputs(f, context_tensors)
         problem, start = make_problem(f, x, z0, s, params)
         self.last_stats = problem.stats

@@ -214,10 +214,30 @@ def test_bad_states_at_is_named(states_at, error, match):
         rk.ReversibleDEQ(f, beta=0.5, max_steps=8)(x, states_at=states_at)
 
 
-def test_deq_refuses_states_at_by_name():
+@pytest.mark.parametrize("adjoint", ["reversible", "unrolled"])
+def test_deq_with_the_reversible_solver_returns_states(adjoint):
+    """rk.DEQ(solver="reversible") (the language model's layer) returns the same states and
+    gradients as ReversibleDEQ."""
+    f, x, weights = setup()
+    results = []
+    for layer in (rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0.0, adjoint=adjoint),
+                  rk.DEQ(f, solver="reversible", adjoint=adjoint, beta=0.5, max_steps=8, tol=0.0)):
+        x.grad = None
+        states = layer(x, states_at=STEPS)
+        sum((w * s).sum() for w, s in zip(weights, states)).backward()
+        results.append((states, x.grad.clone()))
+    (states_a, grad_a), (states_b, grad_b) = results
+    for k, a, b in zip(STEPS, states_a, states_b):
+        assert torch.equal(a, b), f"DEQ's z_{k} differs from ReversibleDEQ's"
+    assert torch.equal(grad_a, grad_b), f"DEQ's dL/dx is {relative_error(grad_b, grad_a):.2e} off ReversibleDEQ's"
+
+
+@pytest.mark.parametrize("solver, adjoint", [("anderson", "implicit"), ("reversible", "phantom")])
+def test_deq_refuses_states_at_without_exact_iterates(solver, adjoint):
     f, x, _ = setup()
-    with pytest.raises(TypeError, match="DEQ does not return intermediate states"):
-        rk.DEQ(functools.partial(f), solver="anderson")(x, states_at=(2,))
+    with pytest.raises(ValueError, match=f"states_at needs solver='reversible'.*solver='{solver}', "
+                                         f"adjoint='{adjoint}'"):
+        rk.DEQ(functools.partial(f), solver=solver, adjoint=adjoint)(x, states_at=(2,))
 
 
 def test_trajectory_bench_runs(tmp_path, monkeypatch, capsys):
