@@ -10,11 +10,16 @@ N/4, N/2, 3N/4 and N, as a fixed-point correction does. For each N it prints:
   without the four states, and for unrolled autograd;
 - the training step time of the exact reversal with the four states over without, at
   batch 128 (median of alternated runs; one CPU thread).
+
+`--checkpoint runs/tiny/last.pt` measures the same errors on a trained language model
+instead: the mean cross-entropy of the read-out of each of the four states, on
+`--windows` validation windows, the gradient over every parameter.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -96,14 +101,48 @@ def step_time_ratio(steps: int, beta: float, repeats: int) -> float:
     return statistics.median(times[with_states]) / statistics.median(times[plain])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", default="16,64", help="comma-separated")
-    parser.add_argument("--betas", default="0.5,0.8", help="comma-separated")
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+def trained_model_gradients(model, idx, targets, steps: int, dtype: torch.dtype, **settings) -> torch.Tensor:
+    """dL/d(parameters) of the mean cross-entropy of the read-outs of the states at N/4 .. N."""
+    model = copy.deepcopy(model).to(dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with model.solver_settings(max_steps=steps, tol=0, **settings), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float reversal's drift warning: measured here
+        x = model.embed(idx)
+        states = model.deq(x, states_at=quarter_steps(steps))
+        loss = sum(model.cross_entropy(model.readout(z.to(x.dtype)), targets) for z in states) / len(states)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(grads, params)])
+
+
+def trained_model_rows(checkpoint: str, windows: int, depths: list[int]) -> list[dict]:
+    from revdeq_kernels.lm.batches import eval_starts, window_batch
+    from revdeq_kernels.lm.checkpoint import load_model
+    from revdeq_kernels.lm.data import prepare_data
+
+    model, tokenizer, cfg, ckpt = load_model(checkpoint)
+    if cfg.method != "reversible":
+        raise SystemExit(f"{checkpoint}: method={cfg.method}; the trajectory check needs method=reversible")
+    tokens = prepare_data(cfg, tokenizer, log=lambda *args: None)["validation"]
+    idx, targets = window_batch(tokens, eval_starts(len(tokens), cfg.seq_len, windows), cfg.seq_len)
+    print(f"# trained model: {checkpoint} (step {ckpt['step']}, block {cfg.block}, beta {cfg.beta}, trained at "
+          f"{cfg.describe_training_depth()}), {len(idx)} validation windows of {cfg.seq_len}; loss: the mean "
+          "cross-entropy of the read-outs of z at N/4, N/2, 3N/4, N; gradient over every parameter")
+    print("| N | float32 autograd | exact reversal | float reversal |")
+    print("|---|---|---|---|")
+    rows = []
+    for steps in depths:
+        truth = trained_model_gradients(model, idx, targets, steps, torch.float64, adjoint="unrolled", reversal=None,
+                                        state_dtype=torch.float64)
+        row = dict(model=checkpoint, steps=steps, **{
+            name: relative(trained_model_gradients(model, idx, targets, steps, torch.float32, **settings), truth)
+            for name, settings in (("autograd_f32", dict(adjoint="unrolled", reversal=None)),
+                                   ("exact", dict(reversal="exact")), ("float", dict(reversal="float")))})
+        rows.append(row)
+        print(f"| {steps} | {row['autograd_f32']:.1e} | {row['exact']:.1e} | {row['float']:.2g} |", flush=True)
+    return rows
+
+
+def block_rows(args) -> list[dict]:
     print(f"# trajectory loss: torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
           f"residual block width {WIDTH}, batch {BATCH}, loss on z at N/4, N/2, 3N/4, N; float32 unless named")
     print("| beta | N | float32 autograd | exact reversal | float reversal | saved: exact, 4 states "
@@ -125,6 +164,21 @@ def main(argv=None) -> int:
             print(f"| {beta} | {steps} | {row['autograd_f32']:.1e} | {row['exact']:.1e} | {row['float']:.2g} "
                   f"| {row['saved_exact_states'] / 1024:.0f} KiB | {row['saved_exact'] / 1024:.0f} KiB "
                   f"| {row['saved_unrolled'] / 1024:.0f} KiB | {row['time_ratio']:.3f} |", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="16,64", help="comma-separated")
+    parser.add_argument("--betas", default="0.5,0.8", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--checkpoint", help="a trained language model (method=reversible) instead of the block")
+    parser.add_argument("--windows", type=int, default=8, help="--checkpoint: validation windows in the batch")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = (trained_model_rows(args.checkpoint, args.windows, [int(n) for n in args.steps.split(",")])
+            if args.checkpoint else block_rows(args))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -204,9 +204,10 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
     Gradients flow to x, to z0 when it requires grad, and to the parameters of f: all of
     an nn.Module's trainable parameters (or those of the module a functools.partial wraps),
     plus the tensors given in ``parameters`` (a context a function or partial closes over, a
-    tensor a module keeps as a plain attribute; a module's own parameters among them count once). ``adjoint="unrolled"`` backpropagates with plain autograd through
-    the same iteration (exact, memory grows with steps): the reference the reversible
-    adjoint is tested against.
+    tensor a module keeps as a plain attribute; a module's own parameters among them count
+    once). ``adjoint="unrolled"`` backpropagates with plain autograd through the same
+    iteration (exact, memory grows with steps): the reference the reversible adjoint is
+    tested against.
 
     ``states_at=(k1, k2, ...)``: also return z after those steps (``Solution.states``), each
     with its exact gradient, for a loss on the trajectory; a step past the stop is the

@@ -13,6 +13,7 @@ since what is valid depends on the device and on ``$REVDEQ_BACKEND`` at call tim
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def state_steps(value, max_steps: int) -> tuple[int, ...]:
     for k in steps:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_steps:
             raise ValueError(f"states_at must hold ints in 1..max_steps={max_steps}, got {k!r}")
-    if any(a >= b for a, b in zip(steps, steps[1:])):
+    if any(a >= b for a, b in itertools.pairwise(steps)):
         raise ValueError(f"states_at must be increasing, got {steps}")
     return steps
 

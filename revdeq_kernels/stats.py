@@ -43,10 +43,10 @@ class SolverStats:
 class Solution:
     """Return value of :func:`revdeq_kernels.solve`: the equilibrium ``z`` and the live stats.
 
-    ``states`` holds the states a call asked for with ``states_at`` (a state's steps past the
-    stop are the returned ``z``). The stats' fields are readable directly (``sol.steps``, ``sol.residual``, ...); the
-    backward pass writes into the same stats object, so ``sol.reconstruction_error`` is
-    filled after ``loss.backward()``.
+    ``states`` holds the states a call asked for with ``states_at`` (steps past the stop are
+    the returned ``z``). The stats' fields are readable directly (``sol.steps``,
+    ``sol.residual``, ...); the backward pass writes into the same stats object, so
+    ``sol.reconstruction_error`` is filled after ``loss.backward()``.
     """
 
     z: Tensor | tuple[Tensor, ...]  # a tuple for a state of several tensors

@@ -14,10 +14,11 @@ from torch import Tensor
 
 from .convergence import ConvergenceMonitor
 from .ops.reference import relax, residual_norms
+from .stats import SolverStats
 
 
 def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
-                   keep: tuple[int, ...] = ()) -> tuple[Tensor, object, list]:
+                   keep: tuple[int, ...] = ()) -> tuple[Tensor, SolverStats, list]:
     """Returns (z_N, the stats, [z after each step of ``keep``; past the stop, z_N]) with the
     whole iteration in the autograd graph."""
     b = problem.beta

@@ -244,3 +244,20 @@ def test_under_a_time_budget_the_tail_is_the_last_share_of_the_training_time(tmp
     assert result.stopped == "time_budget", result.stopped
     # the step count alone would never reach a tail 50,000 steps away
     assert steps[0] == 2 and steps[-1] == 3 and steps == sorted(steps), f"solver steps per training step: {steps}"
+
+
+def test_trajectory_loss_on_a_trained_model_is_exact(tmp_path, monkeypatch):
+    """bench/trajectory.py --checkpoint: on a trained model, the gradient of a loss on the read-outs
+    of z at N/4 .. N (rk.DEQ's states_at) with the exact reversal is float32 autograd's, to within
+    10x of its own error against float64."""
+    import importlib
+    from pathlib import Path
+    cfg = small_config(tmp_path, max_iters=20, eval_interval=20, checkpoint_interval=20)
+    result = train(cfg, log=lambda *args: None)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    trajectory = importlib.import_module("trajectory")
+    out = tmp_path / "rows.json"
+    checkpoint = str(result.out_dir / "last.pt")
+    assert trajectory.main(["--checkpoint", checkpoint, "--steps", "4", "--windows", "4", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["exact"] <= 10 * row["autograd_f32"], row

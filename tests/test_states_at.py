@@ -185,8 +185,8 @@ def test_returned_states_add_nothing_to_the_saved_memory(reversal):
         saved[steps] = plain
     if reversal == "float":  # the exact reversal's digit planes grow by one int64 plane per 63 steps
         assert saved[32] == saved[8], f"saved elements grew with depth: {saved}"
-    unrolled = {steps: saved_elements(lambda: rk.solve(f, x, beta=0.5, max_steps=steps, tol=0.0,
-                                                       adjoint="unrolled")) for steps in (8, 32)}
+    unrolled = {steps: saved_elements(functools.partial(rk.solve, f, x, beta=0.5, max_steps=steps, tol=0.0,
+                                                        adjoint="unrolled")) for steps in (8, 32)}
     assert unrolled[32] > 3 * unrolled[8], f"unrolled saved {unrolled}: expected growth with depth"
 
 
