@@ -22,11 +22,11 @@ def weighted_loss(solution, weights):
     return sum((w * s).sum() for w, s in zip(weights, solution.states)) + (solution.z ** 2).sum()
 
 
-def gradients(f, x, weights, **options):
-    tensors = [x, *f.parameters()]
+def gradients(f, x, weights, z0=None, **options):
+    tensors = [x, *([z0] if z0 is not None else []), *f.parameters()]
     for t in tensors:
         t.grad = None
-    solution = rk.solve(f, x, **options)
+    solution = rk.solve(f, x, z0, **options)
     weighted_loss(solution, weights).backward()
     return solution, [t.grad.clone() for t in tensors]
 
@@ -46,19 +46,21 @@ REVERSALS = {"exact": dict(reversal="exact"), "float": dict(reversal="float"),
 @pytest.mark.parametrize("pair", backend_device_pairs(), ids=pair_id)
 @pytest.mark.parametrize("reversal", list(REVERSALS))
 def test_state_gradients_match_unrolled_autograd(pair, reversal):
-    """On the expansive residual block, float64, 8 steps: the states and the gradients of a loss
-    on four of them and on z equal plain autograd through the same iteration."""
+    """On the expansive residual block, float64, 8 steps: the states and the gradients (x, z0 and
+    every parameter) of a loss on four of them and on z equal plain autograd through the same
+    iteration."""
     backend, device = pair
     f, x, weights = setup(device=device)
+    z0 = (0.1 * torch.randn_like(x)).requires_grad_()  # its gradient collects every injected cotangent
     common = dict(beta=0.5, max_steps=8, tol=0.0, states_at=STEPS)
-    want_solution, want = gradients(f, x, weights, adjoint="unrolled", **common)
-    got_solution, got = gradients(f, x, weights, backend=backend, **REVERSALS[reversal], **common)
+    want_solution, want = gradients(f, x, weights, z0, adjoint="unrolled", **common)
+    got_solution, got = gradients(f, x, weights, z0, backend=backend, **REVERSALS[reversal], **common)
     # exact: fixed point at 2^-48 (states ~1) and float64 backprop; float: 8 reverse steps of drift
     bound = 1e-12 if reversal == "exact" else 1e-10
     for k, got_state, want_state in zip(STEPS, got_solution.states, want_solution.states):
         error = relative_error(got_state.detach(), want_state.detach())
         assert error < bound, f"{backend}/{reversal}: z_{k} is {error:.2e} off the unrolled iteration's"
-    names = ["x"] + [name for name, _ in f.named_parameters()]
+    names = ["x", "z0"] + [name for name, _ in f.named_parameters()]
     for name, g, w in zip(names, got, want):
         error = relative_error(g, w)
         assert error < bound, f"{backend}/{reversal}: the gradient of {name} is {error:.2e} off plain autograd"
