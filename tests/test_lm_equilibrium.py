@@ -14,6 +14,7 @@ from revdeq_kernels.lm import TransformerLM, load_config, prepare_data, train
 from revdeq_kernels.lm.adjoint_check import adjoint_gradient_error
 from revdeq_kernels.lm.config import ConfigError, LMConfig, preset_names, read_yaml
 from revdeq_kernels.lm.evaluation import evaluate_depths
+from revdeq_kernels.lm.model import supervised_steps
 from revdeq_kernels.lm.penalties import depth_penalty, residual_penalty
 from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
 from tests.test_lm_model import model_config
@@ -71,6 +72,7 @@ def test_adjoint_check_sees_the_float_reversal_drift(tmp_path):
     ("tail_fraction", "1.5", r"must be in \[0, 1\]"),
     ("tail_iters", "100", "renamed: use tail_fraction"),
     ("tail_max_steps", "0", "must be >= 1"),
+    ("state_loss", "-1", "must be >= 0"),
 ])
 def test_new_config_keys_reject_bad_values(key, value, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -151,6 +153,47 @@ def test_depth_penalty_is_the_loss_one_more_evaluation_adds_and_trains_both_side
     depth_penalty(loss, deeper).backward()
     assert (float(loss.grad), float(deeper.grad)) == (-1.0, 1.0), (loss.grad, deeper.grad)
     assert float(depth_penalty(deeper.detach(), loss.detach())) == 0.0, "no penalty when one more evaluation lowers the loss"
+
+
+def test_state_loss_needs_exact_iterates():
+    with pytest.raises(ConfigError, match="state_loss.*method=reversible or unrolled.*method is implicit"):
+        load_config("tiny", ["method=implicit", "state_loss=1"])
+
+
+@pytest.mark.parametrize("steps, supervised", [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 3, 4)),
+                                               (16, (4, 8, 12, 16))])
+def test_state_loss_supervises_the_quarters(steps, supervised):
+    assert supervised_steps(steps) == supervised
+
+
+@pytest.mark.parametrize("method", ["reversible", "unrolled"])
+def test_state_loss_is_the_mean_loss_of_the_intermediate_states(method):
+    """state_loss=w adds w * mean over k in (1, 2, 3) of the cross-entropy of a k-step solve's
+    read-out (with tol=0 the k-th state of a 4-step solve is a k-step solve's z)."""
+    torch.manual_seed(0)
+    model = TransformerLM(model_config(method=method, max_steps=4, res_reg=0.0, state_loss=3.0)).double().train()
+    idx, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    model(idx, targets)
+    got = float(model.last_penalty.detach())
+    with torch.no_grad():
+        x = model.embed(idx)
+        losses = []
+        for k in (1, 2, 3):
+            with model.solver_settings(max_steps=k):
+                losses.append(float(model.cross_entropy(model.readout(model.deq(x)), targets)))
+    want = 3.0 * sum(losses) / 3
+    assert abs(got - want) <= 1e-12 * want, f"state loss {got!r} vs by hand {want!r}"
+
+
+def test_state_loss_trains_with_exact_gradients(tmp_path):
+    """The grad check differentiates the objective, intermediate states included: the reversible
+    gradient of a run with state_loss equals unrolled's."""
+    cfg = small_config(tmp_path, max_iters=20, eval_interval=20, checkpoint_interval=20, grad_check_interval=10,
+                       state_loss=1.0, max_steps=4)
+    result = train(cfg, log=lambda *args: None)
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    checks = [r["grad_error"] for r in records if r["kind"] == "grad_check"]
+    assert len(checks) == 2 and max(checks) <= GRAD_TOL, f"grad checks {checks}, tolerance {GRAD_TOL}"
 
 
 def test_penalties_need_targets_and_training_mode():

@@ -18,11 +18,13 @@ from .runtime import autocast_for
 
 
 def _parameter_gradients(model: TransformerLM, x: Tensor, y: Tensor, cfg: LMConfig, seed: int) -> Tensor:
+    from .training import compute_loss  # here: training imports this module
+
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)  # the same dropout masks and solver seeds in both passes
         with autocast_for(cfg, x.device):
-            loss = model(x, y)[1]
+            loss = compute_loss(model, x, y)[1]  # the objective training differentiates, penalties included
         # autograd.grad, not backward: the model's .grad (and a DDP wrapper's hooks) stay untouched
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double()
@@ -30,7 +32,9 @@ def _parameter_gradients(model: TransformerLM, x: Tensor, y: Tensor, cfg: LMConf
 
 
 def adjoint_gradient_error(model: TransformerLM, x: Tensor, y: Tensor, cfg: LMConfig, seed: int = 0) -> float:
-    """||g_reversible - g_unrolled|| / ||g_unrolled|| over all parameters, on batch (x, y).
+    """||g_reversible - g_unrolled|| / ||g_unrolled|| over all parameters, on batch (x, y), of
+    the training objective when the model is in training mode (the loss, the penalties at z*
+    and ``state_loss``'s intermediate states), else of the loss.
 
     The unrolled pass runs the same iteration (same beta, steps, tol, state dtype) with
     autograd through every step; with ``reversal=exact`` the two forwards differ only by

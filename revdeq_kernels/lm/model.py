@@ -36,6 +36,12 @@ from .penalties import depth_penalty, jacobian_penalty, residual_penalty
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+def supervised_steps(steps: int) -> tuple[int, ...]:
+    """``state_loss``'s states: N/4, N/2 and 3N/4 (rounded down, distinct, at least 1, below N),
+    then N itself, the solution."""
+    return tuple(sorted({max(1, steps * q // 4) for q in (1, 2, 3)} - {steps})) + (steps,)
+
+
 def state_dtype_of(cfg: LMConfig) -> torch.dtype | None:
     return _DTYPES[cfg.state_dtype] if cfg.state_dtype else None
 
@@ -116,21 +122,32 @@ class TransformerLM(nn.Module):
         2 * max_steps Broyden steps) instead of the configured depth."""
         return self.solver_settings(max_steps=2 * max_steps if self.cfg.method == "broyden" else max_steps)
 
-    def _train_depth_solve(self, x: Tensor) -> Tensor:
-        """The DEQ at max_steps + k steps, k drawn uniformly from 0..depth_jitter (torch's RNG,
-        so a resumed run draws the same k): a model trained at one depth can exploit that
-        depth's transient, one trained over a range must be good wherever the solve stops."""
-        extra = int(torch.randint(0, self.cfg.depth_jitter + 1, ()))
-        with self.solver_settings(max_steps=self.deq.settings.max_steps + extra):
-            return self.deq(x)
+    def _train_solve(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The training forward's solve: z and, with ``state_loss``, the states at N/4, N/2 and
+        3N/4 that the objective also reads out. With ``depth_jitter`` it solves max_steps + k
+        steps, k drawn uniformly from 0..depth_jitter (torch's RNG, so a resumed run draws the
+        same k): a model trained at one depth can exploit that depth's transient, one trained
+        over a range must be good wherever the solve stops."""
+        extra = int(torch.randint(0, self.cfg.depth_jitter + 1, ())) if self.cfg.depth_jitter else 0
+        steps = self.deq.settings.max_steps + extra
+        with self.solver_settings(max_steps=steps) if extra else contextlib.nullcontext():
+            if self.cfg.state_loss == 0:
+                return self.deq(x), []
+            *intermediate, z = self.deq(x, states_at=supervised_steps(steps))
+            return z, intermediate
 
-    def equilibrium_penalty(self, z: Tensor, x: Tensor, targets: Tensor, loss: Tensor) -> Tensor | None:
-        """``jac_reg * jacobian_penalty + res_reg * residual_penalty + depth_reg * depth_penalty``
-        at the solution z (``loss``: the cross-entropy at z against ``targets``), or None when
-        every weight is 0: the terms the training objective adds to the loss. The residual and
-        depth terms share one evaluation of f."""
+    def equilibrium_penalty(self, z: Tensor, x: Tensor, targets: Tensor, loss: Tensor,
+                            intermediate: list[Tensor] = ()) -> Tensor | None:
+        """``jac_reg * jacobian_penalty + res_reg * residual_penalty + depth_reg * depth_penalty
+        + state_loss * (mean cross-entropy of the ``intermediate`` states)`` at the solution z
+        (``loss``: the cross-entropy at z against ``targets``), or None when every weight is 0:
+        the terms the training objective adds to the loss. The residual and depth terms share
+        one evaluation of f."""
         cfg, f = self.cfg, self.deq.f
         terms = []
+        if cfg.state_loss > 0 and intermediate:
+            state_losses = [self.cross_entropy(self.readout(state.to(x.dtype)), targets) for state in intermediate]
+            terms.append(cfg.state_loss * sum(state_losses) / len(state_losses))
         if cfg.jac_reg > 0:
             terms.append(cfg.jac_reg * jacobian_penalty(f, z, x))
         if cfg.res_reg > 0 or cfg.depth_reg > 0:
@@ -158,21 +175,27 @@ class TransformerLM(nn.Module):
     def solution(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(final states [B, T, D] before the final LayerNorm, the embeddings x they were
         solved from)."""
+        z, x, _ = self._solution_and_states(idx)
+        return z, x
+
+    def _solution_and_states(self, idx: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``solution``, and the intermediate states a training forward supervises (state_loss)."""
         x = self.embed(idx)
+        intermediate = []
         if self.is_deq:
             if self.training:
-                z = self._train_depth_solve(x) if self.cfg.depth_jitter else self.deq(x)
+                z, intermediate = self._train_solve(x)
                 self.last_stats = self.deq.last_stats
             elif self.cfg.inference_solver:
                 z = self._solve_accelerated(self.deq.f, x)
             else:
                 z = self.deq(x)
                 self.last_stats = self.deq.last_stats
-            return z.to(x.dtype), x
+            return z.to(x.dtype), x, intermediate
         z = torch.zeros_like(x)
         for block in self.blocks:
             z = block(z, x)
-        return z, x
+        return z, x, intermediate
 
     def readout(self, z: Tensor) -> Tensor:
         """Logits [B, T, V] of final states z."""
@@ -185,14 +208,14 @@ class TransformerLM(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         """Logits [B, T, V]; with ``targets`` also the mean cross-entropy. A DEQ's training
         forward with targets leaves the penalties of its objective in ``last_penalty``."""
-        z, x = self.solution(idx)
+        z, x, intermediate = self._solution_and_states(idx)
         logits = self.readout(z)
         self.last_penalty = None
         if targets is None:
             return logits
         loss = self.cross_entropy(logits, targets)
         if self.is_deq and self.training and torch.is_grad_enabled():
-            self.last_penalty = self.equilibrium_penalty(z, x, targets, loss)
+            self.last_penalty = self.equilibrium_penalty(z, x, targets, loss, intermediate)
         return logits, loss
 
     # --- incremental decoding ---------------------------------------------------------

@@ -56,7 +56,8 @@ def make_optimizer(model: TransformerLM, cfg: LMConfig) -> torch.optim.AdamW:
 
 def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean next-token cross-entropy, the objective to differentiate) of one micro-batch:
-    a DEQ's objective adds the penalties of the same forward (``res_reg``, ``jac_reg``, ``depth_reg``)."""
+    a DEQ's objective adds the terms of the same forward (``res_reg``, ``jac_reg``, ``depth_reg``,
+    ``state_loss``)."""
     loss = model(x, y)[1]
     core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     return loss, loss if core.last_penalty is None else loss + core.last_penalty
