@@ -20,7 +20,8 @@ from .stats import SolverStats
 def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
                    keep: tuple[int, ...] = ()) -> tuple[Tensor, SolverStats, list]:
     """Returns (z_N, the stats, [z after each step of ``keep``; past the stop, z_N]) with the
-    whole iteration in the autograd graph."""
+    whole iteration in the autograd graph. Every state is a tensor of its own, as the
+    reversible adjoint returns them: none aliases z_N or another state."""
     b = problem.beta
     z = start if z0 is None else z0.to(problem.state_dtype)  # keeps the graph to z0
     y = z
@@ -44,4 +45,5 @@ def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
             monitor.converged(steps, *residual_norms(z, F))
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
-    return z, problem.stats, [kept.get(k, z) for k in keep]
+    states = [kept.get(k, z) for k in keep]
+    return z, problem.stats, [state.clone() if state is z else state for state in states]

@@ -57,6 +57,8 @@ def test_state_gradients_match_unrolled_autograd(pair, reversal):
     got_solution, got = gradients(f, x, weights, z0, backend=backend, **REVERSALS[reversal], **common)
     # exact: fixed point at 2^-48 (states ~1) and float64 backprop; float: 8 reverse steps of drift
     bound = 1e-12 if reversal == "exact" else 1e-10
+    for name, solution in (("unrolled", want_solution), (f"{backend}/{reversal}", got_solution)):
+        assert solution.states[-1].data_ptr() != solution.z.data_ptr(), f"{name}: z_8 aliases the solution z_8"
     for k, got_state, want_state in zip(STEPS, got_solution.states, want_solution.states):
         error = relative_error(got_state.detach(), want_state.detach())
         assert error < bound, f"{backend}/{reversal}: z_{k} is {error:.2e} off the unrolled iteration's"
@@ -84,24 +86,26 @@ def test_each_state_gets_its_own_cotangent():
     assert relative_error(grads[3], grads[6]) > 1e-3, "the gradients of losses on z_3 and z_6 coincide"
 
 
-def test_states_past_the_stop_are_the_solution():
+@pytest.mark.parametrize("adjoint", ["reversible", "unrolled"])
+def test_states_past_the_stop_are_the_solution(adjoint):
     """With tol > 0 the solve stops at s < max_steps; a state asked for after s is the returned z
-    (a tensor of its own) and its gradient is z's."""
+    (a tensor of its own, whichever adjoint) and its gradient is z's."""
     torch.manual_seed(0)
     f = TanhBlock(width=6, contraction=0.5).double()
     x = torch.randn(4, 6, dtype=F64, requires_grad=True)
-    solution = rk.solve(f, x, beta=0.5, max_steps=40, tol=1e-6, states_at=(2, 39, 40))
+    solution = rk.solve(f, x, beta=0.5, max_steps=40, tol=1e-6, states_at=(2, 39, 40), adjoint=adjoint)
     assert 2 < solution.steps < 39, f"the solve was meant to stop early, it ran {solution.steps} steps"
     late = solution.states[1:]
     for state in late:
-        assert torch.equal(state, solution.z), "a state past the stop differs from the solution"
-        assert state.data_ptr() != solution.z.data_ptr(), "a state past the stop aliases the solution"
+        assert torch.equal(state, solution.z), f"{adjoint}: a state past the stop differs from the solution"
+        assert state.data_ptr() != solution.z.data_ptr(), f"{adjoint}: a state past the stop aliases the solution"
+    assert late[0].data_ptr() != late[1].data_ptr(), f"{adjoint}: two states past the stop alias each other"
     late[0].sum().backward()
     from_state = x.grad.clone()
     x.grad = None
-    rk.solve(f, x, beta=0.5, max_steps=40, tol=1e-6).z.sum().backward()
+    rk.solve(f, x, beta=0.5, max_steps=40, tol=1e-6, adjoint=adjoint).z.sum().backward()
     error = relative_error(from_state, x.grad)
-    assert error < 1e-13, f"the gradient through a state past the stop is {error:.2e} off the solution's"
+    assert error < 1e-13, f"{adjoint}: the gradient through a state past the stop is {error:.2e} off the solution's"
 
 
 def test_float32_exact_states_are_float32_backprop():
