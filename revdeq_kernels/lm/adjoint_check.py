@@ -13,13 +13,11 @@ import torch
 from torch import Tensor
 
 from .config import LMConfig
-from .model import TransformerLM
+from .model import TransformerLM, compute_loss
 from .runtime import autocast_for
 
 
 def _parameter_gradients(model: TransformerLM, x: Tensor, y: Tensor, cfg: LMConfig, seed: int) -> Tensor:
-    from .training import compute_loss  # here: training imports this module
-
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)  # the same dropout masks and solver seeds in both passes

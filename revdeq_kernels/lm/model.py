@@ -326,3 +326,12 @@ class TransformerLM(nn.Module):
             z = block(z, x, cache.view(0) if cache.length else None, recorded)
             cache.append(recorded)
         return z
+
+
+def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy, the objective to differentiate) of one micro-batch:
+    a DEQ's objective adds the terms of the same forward (``res_reg``, ``jac_reg``, ``depth_reg``,
+    ``state_loss``)."""
+    loss = model(x, y)[1]
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return loss, loss if core.last_penalty is None else loss + core.last_penalty

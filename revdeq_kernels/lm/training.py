@@ -28,7 +28,7 @@ from .config import DATA_KEYS, MODEL_KEYS, ConfigError, LMConfig
 from .data import prepare_data
 from .evaluation import evaluate
 from .metrics import MetricsLogger, plot_losses, truncate_jsonl
-from .model import TransformerLM
+from .model import TransformerLM, compute_loss
 from .runtime import Dist, autocast_for, resolve_device, rng_state, set_rng_state, setup_distributed
 from .sources import DataUnavailable
 from .tokenizer import Tokenizer
@@ -52,15 +52,6 @@ def make_optimizer(model: TransformerLM, cfg: LMConfig) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
-def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean next-token cross-entropy, the objective to differentiate) of one micro-batch:
-    a DEQ's objective adds the terms of the same forward (``res_reg``, ``jac_reg``, ``depth_reg``,
-    ``state_loss``)."""
-    loss = model(x, y)[1]
-    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return loss, loss if core.last_penalty is None else loss + core.last_penalty
 
 
 @dataclass
