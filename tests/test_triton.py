@@ -19,18 +19,18 @@ from revdeq_kernels import fixed_point as fp, ops  # noqa: E402
 if not ops.backends()["triton"].available:  # e.g. an interpreter that cannot run the kernels
     pytest.skip(f"the triton backend is unavailable: {ops.backends()['triton'].reason}", allow_module_level=True)
 
-from revdeq_kernels.ops import reference, triton_exact as te, triton_ops as tk  # noqa: E402
+from revdeq_kernels.ops import reference, triton_exact as te, triton_launch, triton_ops as tk  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
-DEVICE = "cpu" if tk.INTERPRETED else "cuda"
+DEVICE = "cpu" if triton_launch.INTERPRETED else "cuda"
 BETA = 0.5
 
 # Several configs, so the tuner really benchmarks; tiny blocks keep the interpreter fast.
-if tk.INTERPRETED:
+if triton_launch.INTERPRETED:
     ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=1) for b in (64, 128, 256)]
     ROW_CONFIGS = [triton.Config({"TILE": t}, num_warps=1) for t in (32, 64)]
 else:
-    ELEMENTWISE_CONFIGS, ROW_CONFIGS = tk.GPU_ELEMENTWISE_CONFIGS, tk.GPU_ROW_CONFIGS
+    ELEMENTWISE_CONFIGS, ROW_CONFIGS = triton_launch.GPU_ELEMENTWISE_CONFIGS, triton_launch.GPU_ROW_CONFIGS
 
 
 def make(shape, dtype=torch.float32, seed=0):
@@ -274,22 +274,22 @@ def _float32_rounding_cases() -> torch.Tensor:
 
 @pytest.mark.parametrize("value, tuned", [("1", True), ("0", False), (None, True)])
 def test_the_autotune_switch_keeps_every_gpu_config_or_the_first(monkeypatch, value, tuned):
-    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setattr(triton_launch, "INTERPRETED", False)
     if value is None:
-        monkeypatch.delenv(tk.ENV_AUTOTUNE, raising=False)
+        monkeypatch.delenv(triton_launch.ENV_AUTOTUNE, raising=False)
     else:
-        monkeypatch.setenv(tk.ENV_AUTOTUNE, value)
-    elementwise, rows, chunk = tk.default_configs()
-    want = (tk.GPU_ELEMENTWISE_CONFIGS, tk.GPU_ROW_CONFIGS) if tuned else (
-        tk.GPU_ELEMENTWISE_CONFIGS[:1], tk.GPU_ROW_CONFIGS[:1])
-    assert (elementwise, rows, chunk) == (*want, tk.GPU_ROW_CHUNK), f"{tk.ENV_AUTOTUNE}={value}: {elementwise}, {rows}"
+        monkeypatch.setenv(triton_launch.ENV_AUTOTUNE, value)
+    elementwise, rows, chunk = triton_launch.default_configs()
+    want = (triton_launch.GPU_ELEMENTWISE_CONFIGS, triton_launch.GPU_ROW_CONFIGS) if tuned else (
+        triton_launch.GPU_ELEMENTWISE_CONFIGS[:1], triton_launch.GPU_ROW_CONFIGS[:1])
+    assert (elementwise, rows, chunk) == (*want, triton_launch.GPU_ROW_CHUNK), f"{triton_launch.ENV_AUTOTUNE}={value}: {elementwise}, {rows}"
 
 
 def test_a_bad_autotune_switch_names_the_variable(monkeypatch):
-    monkeypatch.setattr(tk, "INTERPRETED", False)
-    monkeypatch.setenv(tk.ENV_AUTOTUNE, "yes")
+    monkeypatch.setattr(triton_launch, "INTERPRETED", False)
+    monkeypatch.setenv(triton_launch.ENV_AUTOTUNE, "yes")
     with pytest.raises(ValueError, match="REVDEQ_TRITON_AUTOTUNE='yes': must be 1 .* or 0"):
-        tk.default_configs()
+        triton_launch.default_configs()
 
 
 def test_bfloat16_stores_round_to_nearest_even():

@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 
-from revdeq_kernels.ops.dispatch import triton_too_old
+from revdeq_kernels.ops.triton_versions import triton_too_old
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
 if reason := triton_too_old(triton.__version__):
     pytest.skip(reason, allow_module_level=True)
 
-from revdeq_kernels.ops import triton_exact as te, triton_ops as tk  # noqa: E402
+from revdeq_kernels.ops import triton_exact as te, triton_launch, triton_ops as tk  # noqa: E402
 
 
 def compile_for_sm90() -> dict:
@@ -31,7 +31,7 @@ def compile_for_sm90() -> dict:
 
     from revdeq_kernels.ops import triton_kernels as tj
 
-    assert not tk.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
+    assert not triton_launch.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
     tl = triton.language
     scalars = {"n": "i32", "tuning_bucket": "i32", "one_minus_beta": "fp64", "beta": "fp64",
                "n_rows": "i32", "row_len": "i64", "chunks_per_row": "i32"}
@@ -71,7 +71,7 @@ def compile_exact_for_sm90() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    assert not tk.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
+    assert not triton_launch.INTERPRETED, "the kernels were decorated for the interpreter; set TRITON_INTERPRET=0"
     scalars = {"step": "i32", "n": "i32", "tuning_bucket": "i32", "d": "i32", "an": "i32", "scale": "fp64",
                "unscale": "fp64", "n_rows": "i32", "row_len": "i64", "chunks_per_row": "i32"}
 

@@ -6,7 +6,8 @@ Every backend gets its own ``torch.library`` namespace with the *same* schemas:
 - ``revdeq_native`` : C++ CPU and CUDA kernels; the schemas are defined here and the
                       compiled extensions (``revdeq_kernels._C``, ``._C_cuda``) only
                       register CPU / CUDA implementations with TORCH_LIBRARY_IMPL.
-- ``revdeq_triton`` : Triton kernels (``triton_kernels.py``, launched by ``triton_ops.py``), registered lazily.
+- ``revdeq_triton`` : Triton kernels (``triton_kernels.py``, launched by ``triton_ops.py``; ``triton_exact.py``),
+                      registered lazily.
 
 A namespace per backend (rather than one op dispatching on device) is what lets a user
 pick the C++ kernel or the Triton kernel for the same CPU/CUDA tensor, and lets tests

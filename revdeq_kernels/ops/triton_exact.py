@@ -1,7 +1,7 @@
 """Triton backend of reversal="exact": the kernels and launchers of ``exact_relax_``,
 ``exact_unrelax_`` and ``exact_relax_residual_``, registered into ``revdeq_triton``
-(CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``). ``triton_ops.py`` imports
-this module last, so importing either registers all eight ops.
+(CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``). The autotuning and its
+configs are ``triton_launch.py``'s, as for the float ops of ``triton_ops.py``.
 
 The arithmetic is ``reference.py``'s, bit for bit (int64 states h, digit planes B,
 1 - beta = n/d, an = |n|; see ``fixed_point.py``):
@@ -43,11 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _library
-from . import triton_ops as _float_ops
 from .checks import check_aliasing, check_exact, check_read
 from .triton_kernels import sum_partials_kernel
-from .triton_ops import PARTIALS_BLOCK, _bucket, _check_device, _device_guard, _row_tile, default_configs, tuned
+from .triton_launch import (PARTIALS_BLOCK, bucket, check_device, default_configs, device_guard, register, row_tile,
+                            tuned)
 
 # (|n|, d) pairs whose divisors are compiled in as constants (besides every power-of-two d).
 SPECIALISED_RATIOS = frozenset({(1, 2), (1, 4), (3, 4), (1, 5), (4, 5), (1, 10)})
@@ -250,7 +249,7 @@ def build_exact_kernels(elementwise_configs, row_configs, row_chunk: int, *,
     return ExactKernels(
         elementwise=tuned(exact_kernel, elementwise_configs, ["tuning_bucket", "INVERSE", *ratio_key],
                           ["state_ptr", "digits_ptr", "flags_ptr"], restore_written),
-        row_sums=tuned(triton.heuristics(_row_tile)(exact_row_sums_kernel), row_configs,
+        row_sums=tuned(triton.heuristics(row_tile)(exact_row_sums_kernel), row_configs,
                        ["tuning_bucket", *ratio_key], ["y_ptr", "digits_ptr", "flags_ptr"], restore_written),
         row_chunk=row_chunk,
         partials_block=partials_block,
@@ -286,7 +285,7 @@ def _check_exact_tensors(op: str, state_name: str, state: Tensor, digits: Tensor
                          ) -> tuple[Tensor, tuple[int, int, int, int]]:
     """check_exact, the device and the aliasing rule (checks.py); f_out returned contiguous
     (maybe a copy)."""
-    _check_device(state, state_name)
+    check_device(state, state_name)
     args = check_exact(state_name, state, digits, f_out, flags, step, numerator, denominator, frac_bits)
     read = {"f_out": f_out} if z is None else {"z": z, "f_out": f_out}
     check_aliasing(op, {state_name: state, "digits": digits, "flags": flags}, read)
@@ -303,9 +302,9 @@ def launch_exact(state: Tensor, digits: Tensor, f_out: Tensor, flags: Tensor, st
     assert state.is_contiguous() and digits.is_contiguous(), "the kernel writes through a flat index"
     if n:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        with _device_guard(state):
+        with device_guard(state):
             kernels.elementwise[grid](
-                state, digits, f, flags, step, n, _bucket(n), denominator, abs(numerator),
+                state, digits, f, flags, step, n, bucket(n), denominator, abs(numerator),
                 quantisation_scale(numerator, denominator, frac_bits), INVERSE=bool(inverse),
                 **ratio_constants(numerator, denominator), **LAUNCH_OPTIONS)
     torch.autograd.graph.increment_version([state, digits, flags])
@@ -330,10 +329,10 @@ def launch_exact_row_sums(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, f
         partials = [y.new_empty(batch * chunks_per_row, dtype=torch.float64) for _ in range(2)]
         assert y.is_contiguous() and digits.is_contiguous(), "the kernel writes through a flat index"
         grid = lambda meta: (triton.cdiv(batch, meta["ROWS"]) * chunks_per_row,)  # noqa: E731
-        with _device_guard(y):
+        with device_guard(y):
             kernels.row_sums[grid](
                 y, digits, z, f, flags, partials[0], partials[1], step, batch, row_len, chunks_per_row,
-                _bucket(batch, row_len), denominator, abs(numerator),
+                bucket(batch, row_len), denominator, abs(numerator),
                 quantisation_scale(numerator, denominator, frac_bits), math.ldexp(1.0, -frac_bits),
                 CHUNK=kernels.row_chunk, **ratio_constants(numerator, denominator), **LAUNCH_OPTIONS)
             if chunks_per_row == 1:  # the partials are the sums: no second stage
@@ -363,21 +362,9 @@ def exact_relax_residual_(y: Tensor, digits: Tensor, z: Tensor, f_out: Tensor, f
     return launch_exact_row_sums(y, digits, z, f_out, flags, step, numerator, denominator, frac_bits)
 
 
-_IMPLEMENTATIONS = {
+IMPLEMENTATIONS = {
     "exact_relax_": exact_relax_,
     "exact_unrelax_": exact_unrelax_,
     "exact_relax_residual_": exact_relax_residual_,
 }
-assert not _IMPLEMENTATIONS.keys() & _float_ops._IMPLEMENTATIONS.keys()
-assert _IMPLEMENTATIONS.keys() | _float_ops._IMPLEMENTATIONS.keys() == _library.SCHEMAS.keys(), (
-    "one Triton kernel per op schema")
-
-
-def _register() -> None:
-    lib = _library.library(_library.NAMESPACES["triton"])
-    for name, implementation in _IMPLEMENTATIONS.items():
-        for dispatch_key in ("CUDA", "CPU"):
-            lib.impl(name, implementation, dispatch_key)
-
-
-_register()
+register(IMPLEMENTATIONS)

@@ -1,4 +1,4 @@
-"""The Triton kernels of the revdeq ops (launched and registered by ``triton_ops.py``).
+"""The Triton kernels of the revdeq ops (launched by ``triton_ops.py``).
 
 Every kernel loads its inputs, converts them to the accumulation dtype ``ACC`` (float64 for
 a float64 state, else float32), computes, and rounds once into the written dtype. beta
