@@ -13,8 +13,10 @@ since what is valid depends on the device and on ``$REVDEQ_BACKEND`` at call tim
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -76,6 +78,18 @@ def choice(name: str, value, choices) -> None:
         raise SettingError(name, f"must be one of {tuple(choices)}, got {value!r}")
 
 
+def _step(k, max_steps: int) -> int:
+    """One step of ``states_at`` as an int: numpy and integer 0-d tensor scalars count (they
+    have ``__index__``); bools and floats do not."""
+    try:
+        step = None if isinstance(k, bool) else operator.index(k)
+    except TypeError:
+        step = None
+    if step is None or not 1 <= step <= max_steps:
+        raise ValueError(f"states_at must hold ints in 1..max_steps={max_steps}, got {k!r}")
+    return step
+
+
 def state_steps(value, max_steps: int) -> tuple[int, ...]:
     """``states_at``, the steps whose states a call returns besides the solution: increasing
     ints in 1..max_steps (a call's argument, checked against its settings)."""
@@ -83,12 +97,14 @@ def state_steps(value, max_steps: int) -> tuple[int, ...]:
         return ()
     if isinstance(value, int):
         raise TypeError(f"states_at must be a sequence of steps, got the int {value}: pass ({value},)")
+    if (isinstance(value, (str, bytes, collections.abc.Set, collections.abc.Mapping))  # unordered or not steps
+            or not isinstance(value, collections.abc.Iterable)):
+        raise TypeError(f"states_at must be a sequence of steps (a tuple, list or range), got {type(value).__name__} "
+                        f"{value!r}")
     steps = tuple(value)
     if not steps:
         raise ValueError("states_at is empty; give at least one step, or None")
-    for k in steps:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_steps:
-            raise ValueError(f"states_at must hold ints in 1..max_steps={max_steps}, got {k!r}")
+    steps = tuple(_step(k, max_steps) for k in steps)
     if any(a >= b for a, b in itertools.pairwise(steps)):
         raise ValueError(f"states_at must be increasing, got {steps}")
     return steps

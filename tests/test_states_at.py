@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,11 +214,27 @@ def test_a_nonfinite_state_cotangent_is_reported_at_its_step():
     ((2.0,), ValueError, "got 2.0"),
     ((4, 2), ValueError, r"must be increasing, got \(4, 2\)"),
     ((2, 2), ValueError, r"must be increasing, got \(2, 2\)"),
-], ids=["int", "empty", "zero", "past-max", "bool", "float", "decreasing", "repeated"])
+    ("12", TypeError, r"a sequence of steps \(a tuple, list or range\), got str '12'"),
+    ({2, 4}, TypeError, r"a sequence of steps \(a tuple, list or range\), got set"),
+    ((torch.tensor(1.5),), ValueError, r"got tensor\(1\.5000\)"),
+], ids=["int", "empty", "zero", "past-max", "bool", "float", "decreasing", "repeated", "str", "set", "float-tensor"])
 def test_bad_states_at_is_named(states_at, error, match):
     f, x, _ = setup()
     with pytest.raises(error, match=match):
         rk.ReversibleDEQ(f, beta=0.5, max_steps=8)(x, states_at=states_at)
+
+
+@pytest.mark.parametrize("steps", [range(2, 9, 3), [2, 5, 8], np.array([2, 5, 8]), torch.tensor([2, 5, 8])],
+                         ids=["range", "list", "numpy", "tensor"])
+def test_integer_sequences_name_the_same_steps(steps):
+    """A range, a list, a numpy array or an integer tensor of steps returns what the tuple does."""
+    f, x, _ = setup()
+    deq = rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0.0)
+    with torch.no_grad():
+        want = deq(x, states_at=(2, 5, 8))
+        got = deq(x, states_at=steps)
+    assert len(got) == 3 and all(torch.equal(g, w) for g, w in zip(got, want)), (
+        f"states_at={steps!r} returned other states than (2, 5, 8)")
 
 
 @pytest.mark.parametrize("adjoint", ["reversible", "unrolled"])
