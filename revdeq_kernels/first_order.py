@@ -10,6 +10,10 @@ as zeros (``torch.autograd.functional.hessian``). Here the error node hangs on w
 gradients really depend on: the incoming gradient, the forward's inputs and f's parameters.
 Any second derivative that has to pass through the backward then raises, naming the adjoint
 that has one.
+
+``torch.func`` transforms meet these backward passes before any second derivative: torch
+refuses such a Function with advice for its author ("it must override setup_context").
+``refuse_function_transforms`` raises first, with advice for its user.
 """
 
 from __future__ import annotations
@@ -65,3 +69,22 @@ def first_order(what: str):
         return wrapper
 
     return decorate
+
+
+def refuse_function_transforms(adjoint: str) -> None:
+    """Raises if a ``torch.func`` transform is active around a solve that cannot run under it:
+    ``vmap`` at any level (no batching rule for the stop test and the fused kernels) and
+    every transform of the first-order adjoints (grad, vjp, jacrev)."""
+    if not torch._C._are_functorch_transforms_active():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters()):
+        raise RuntimeError("torch.func.vmap over a DEQ solve is not supported (the stop test and the fused "
+                           "kernels have no batching rule); the batch is dim 0 already: stack the samples "
+                           "along dim 0 and solve once")
+    if adjoint != "unrolled":
+        raise RuntimeError(f"torch.func transforms (grad, vjp, jacrev) cannot differentiate through "
+                           f"adjoint={adjoint!r}, a first-order backward; use adjoint='unrolled' (torch >= 2.11), "
+                           "or torch.autograd.functional.jacobian(deq, x) for a Jacobian")

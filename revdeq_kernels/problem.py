@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import fixed_point
 from .f_module import HeldBuffers, check_callable, module_of
+from .first_order import refuse_function_transforms
 from .ops import STATE_DTYPES, resolve_backend
 from .packing import PackedF
 from .rng import EvaluationRNG
@@ -248,6 +249,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         if not z0.is_floating_point():
             raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
         start = z0.detach().to(state_dtype).contiguous()
+    refuse_function_transforms(settings.adjoint)
     backend = resolve_backend(settings.backend, x.device)
     problem = Problem(
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,

@@ -184,18 +184,28 @@ TRANSFORMS = {
     "func.grad": lambda deq, x: torch.func.grad(lambda v: deq(v).sum())(x),
     "func.jacrev": lambda deq, x: torch.func.jacrev(deq)(x),
     "func.vmap": lambda deq, x: torch.func.vmap(lambda v: deq(v[None]), randomness="same")(x),
+    # per-sample gradients: the vmap is outside the grad, so the solve sees no batched tensor
+    "func.vmap-grad": lambda deq, x: torch.func.vmap(torch.func.grad(lambda v: deq(v[None]).sum()),
+                                                     randomness="same")(x),
     "jacobian-vectorize": lambda deq, x: torch.autograd.functional.jacobian(deq, x, vectorize=True),
 }
 
 
 UNSUPPORTED = [(method, transform) for method in ("reversible-exact", "implicit") for transform in TRANSFORMS]
-UNSUPPORTED.append(("unrolled", "func.vmap"))  # the stop test and the fused kernels have no batching rule
+UNSUPPORTED += [("unrolled", "func.vmap"), ("unrolled", "func.vmap-grad")]  # the stop test and the kernels have
+# no batching rule
 
 
 @pytest.mark.parametrize("method,transform", UNSUPPORTED, ids=[f"{m}-{t}" for m, t in UNSUPPORTED])
 def test_function_transforms_raise_rather_than_return(method, transform):
-    """The README says these are unsupported; they must fail, whatever torch's wording."""
+    """The README says these are unsupported; they must fail, and the torch.func ones with our
+    advice, not torch's advice to the autograd.Function's author ("override setup_context")."""
     f, x = setup()
     deq = unrolled(f) if method == "unrolled" else FIRST_ORDER[method](f)
-    with pytest.raises(RuntimeError):
+    vmap = "torch.func.vmap over a DEQ solve is not supported .* stack the samples along dim 0"
+    match = {"func.vmap": vmap, "func.vmap-grad": vmap,
+             "func.grad": "cannot differentiate through adjoint=.*; use adjoint='unrolled'",
+             "func.jacrev": "cannot differentiate through adjoint=.*; use adjoint='unrolled'"}.get(transform)
+    with pytest.raises(RuntimeError, match=match) as raised:
         TRANSFORMS[transform](deq, x.detach())
+    assert len(str(raised.value).splitlines()) == 1, f"{method}/{transform}: a multi-line error: {raised.value}"
