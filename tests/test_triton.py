@@ -84,6 +84,19 @@ def _tuned_kernels(restore_written=True):
                             restore_written=restore_written)
 
 
+def test_every_op_has_exactly_one_triton_kernel_registered():
+    """triton_ops.py (float ops) and triton_exact.py (exact ops) register disjoint halves of
+    the schemas, together all of them, for CUDA tensors and the interpreter's CPU tensors."""
+    float_ops, exact_ops = set(tk.IMPLEMENTATIONS), set(te.IMPLEMENTATIONS)
+    assert not float_ops & exact_ops, f"ops with two Triton kernels: {sorted(float_ops & exact_ops)}"
+    missing = sorted(set(ops.SCHEMAS) - float_ops - exact_ops)
+    assert not missing, f"ops without a Triton kernel: {missing}"
+    for name in ops.SCHEMAS:
+        op = getattr(torch.ops.revdeq_triton, name).default
+        missing = [key for key in ("CUDA", "CPU") if not op.has_kernel_for_dispatch_key(key)]
+        assert not missing, f"revdeq_triton::{name} has no kernel for {missing}"
+
+
 @pytest.mark.parametrize("name", list(UPDATES))
 def test_autotuning_applies_an_in_place_update_once(name):
     launch, apply_reference, tuner_name = UPDATES[name]
@@ -282,7 +295,8 @@ def test_the_autotune_switch_keeps_every_gpu_config_or_the_first(monkeypatch, va
     elementwise, rows, chunk = triton_launch.default_configs()
     want = (triton_launch.GPU_ELEMENTWISE_CONFIGS, triton_launch.GPU_ROW_CONFIGS) if tuned else (
         triton_launch.GPU_ELEMENTWISE_CONFIGS[:1], triton_launch.GPU_ROW_CONFIGS[:1])
-    assert (elementwise, rows, chunk) == (*want, triton_launch.GPU_ROW_CHUNK), f"{triton_launch.ENV_AUTOTUNE}={value}: {elementwise}, {rows}"
+    assert (elementwise, rows, chunk) == (*want, triton_launch.GPU_ROW_CHUNK), (
+        f"{triton_launch.ENV_AUTOTUNE}={value}: {elementwise}, {rows}")
 
 
 def test_a_bad_autotune_switch_names_the_variable(monkeypatch):
