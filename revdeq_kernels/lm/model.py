@@ -328,7 +328,7 @@ class TransformerLM(nn.Module):
         return z
 
 
-def compute_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_loss(model, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(mean next-token cross-entropy, the objective to differentiate) of one micro-batch:
     a DEQ's objective adds the terms of the same forward (``res_reg``, ``jac_reg``, ``depth_reg``,
     ``state_loss``)."""
