@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 
 import torch
 
@@ -40,8 +41,10 @@ def header(device: torch.device) -> dict:
     info = {
         "device": device_name(device),
         "torch": torch.__version__,
+        "python": platform.python_version(),
         "revdeq_kernels": rk.__version__,
         "commit": commit(),
+        "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "backends": {name: str(b) for name, b in rk.backends().items()},
     }
     try:
@@ -55,7 +58,8 @@ def header(device: torch.device) -> dict:
 def print_header(info: dict, title: str) -> None:
     print(f"# {title}")
     print(f"# device: {info['device']} | torch {info['torch']} | revdeq_kernels {info['revdeq_kernels']} "
-          f"| commit {info['commit']}" + (f" | CPU kernels {info['cpu_isa']}" if "cpu_isa" in info else ""))
+          f"| commit {info['commit']} | {info['utc']} UTC"
+          + (f" | CPU kernels {info['cpu_isa']}" if "cpu_isa" in info else ""))
     for line in info["backends"].values():
         print(f"#   {line}")
 

@@ -13,8 +13,6 @@ MLP(LN(z + Wx)), the language model's shape: expansive, where a float reversal d
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import warnings
 
@@ -22,6 +20,8 @@ import torch
 from torch import nn
 
 import revdeq_kernels as rk
+from bench_env import header, print_header
+from result_file import write_json
 
 
 class Block(nn.Module):
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
-    print(f"# drift: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, width 32, batch 8, loss sum z^2, backend auto")
+    info = header(torch.device("cpu"))
+    print_header(info, "drift: width 32, batch 8, loss sum z^2, backend auto")
     print("| block | states and f | beta | steps | reversal | grad rel. error vs unrolled | reconstruction error |")
     print("|---|---|---|---|---|---|---|")
     for block in args.blocks.split(","):
@@ -92,8 +92,7 @@ def main(argv=None) -> int:
                         print(f"| {block} | {row['dtype']} | {beta} | {steps} | {name} | {err:.2e} | {recon:.2e} |",
                               flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(args.json, dict(header=info, rows=rows))
     return 0
 
 

@@ -1,10 +1,10 @@
-"""The e2e suite's outputs: the Markdown table, the target checks, the JSON file, the plots."""
+"""The e2e suite's outputs: the Markdown table, the target checks, the plots."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+
+from result_file import replacing
 
 TIME_RATIO_LIMIT = 1.35     # reversible step time / unrolled step time, same steps
 MEMORY_RATIO_LIMIT = 1.1    # reversible step memory at the most steps / at 4 steps
@@ -113,22 +113,6 @@ def print_targets(checks: list[dict]) -> None:
         print(f"- [{'met' if check['met'] else 'NOT met'}] {check['target']}: {check['value']:.3g} ({check['detail']})")
 
 
-def _atomic_path(path: str):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
-    return tmp
-
-
-def write_json(path: str, payload: dict) -> None:
-    tmp = _atomic_path(path)
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def plot(rows: list[dict], folder: str, title: str) -> list[str]:
     """Two PNGs: step memory vs steps and step time vs steps, one line per method."""
     import matplotlib
@@ -153,9 +137,8 @@ def plot(rows: list[dict], folder: str, title: str) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(folder, name)
-        tmp = _atomic_path(path)
-        fig.savefig(tmp, dpi=110, format="png")
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written

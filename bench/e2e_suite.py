@@ -31,7 +31,8 @@ from bench_env import header, print_header
 from e2e_accuracy import count_and_compare
 from e2e_methods import METHODS, Setup, build, torchdeq_status
 from revdeq_kernels.lm.block import BLOCKS
-from e2e_report import plot, print_targets, table, targets, write_json
+from e2e_report import plot, print_targets, table, targets
+from result_file import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POINT_SCRIPT = os.path.join(HERE, "e2e_point.py")

@@ -54,7 +54,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from e2e_report import write_json  # noqa: E402  (json and os only: the driver runs before the build, without torch)
+from result_file import write_json  # noqa: E402  (standard library only: the driver runs before the build)
 REPO = HERE.parent
 PARITY_FILES = ["tests/test_ops.py", "tests/test_ops_contracts.py", "tests/test_reversible.py", "tests/test_triton.py",
                 "tests/test_triton_build.py", "tests/test_exact_ops.py", "tests/test_exact_reversal.py",

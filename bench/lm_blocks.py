@@ -15,10 +15,13 @@ worth its name gets no worse, and its residual keeps falling, as the depth grows
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-from pathlib import Path
+
+import torch
+
+from bench_env import header, print_header
+from result_file import write_json
 
 # name -> overrides; explicit-1 is the reference a weight-tied DEQ of the same block must beat
 VARIANTS = {
@@ -45,8 +48,6 @@ def parse_variants(text: str | None) -> dict[str, list[str]]:
 
 
 def measure(config: str, overrides: list[str], steps: int, depths: list[int], windows: int) -> dict:
-    import torch
-
     from revdeq_kernels.lm import load_config, prepare_data, train
     from revdeq_kernels.lm.evaluation import evaluate, evaluate_depths
 
@@ -64,7 +65,7 @@ def measure(config: str, overrides: list[str], steps: int, depths: list[int], wi
             "rows": evaluate_depths(result.model, validation, cfg, cpu, depths, max_windows=windows)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--steps", type=int, default=400)
@@ -73,7 +74,10 @@ def main() -> int:
     parser.add_argument("--variants", default=None,
                         help="name=key:value,...;... (a bare name picks a built-in variant); default: all built-in")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    info = header(torch.device("cpu"))
+    print_header(info, f"lm_blocks: config {args.config}, {args.steps} training steps, {args.windows} validation "
+                       "windows, perplexity at each solver depth")
     depths = [int(d) for d in args.depths.split(",")]
     results = {}
     print("| variant | " + " | ".join(f"ppl @{d}" for d in depths) + " | rel. residual | abs. residual (RMS) |")
@@ -89,7 +93,7 @@ def main() -> int:
             cells += [" / ".join(f"{r[key]:.2g}" for r in rows) for key in ("residual_mean", "abs_residual_mean")]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        write_json(args.json, {"header": info, "args": vars(args), "results": results})
     return 0
 
 

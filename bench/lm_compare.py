@@ -147,16 +147,14 @@ def table(runs: dict[str, list[dict]], pick, title: str) -> list[str]:
     return lines + [""]
 
 
-def header(args) -> list[str]:
+def setup_lines(args) -> list[str]:
     import torch
 
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    from bench_env import commit
 
-    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain") else "")
     return [f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
             f"{args.parallel} run(s) at a time, 1 torch thread each; load average at start {os.getloadavg()[0]:.2f}",
-            f"- torch {torch.__version__}, Python {platform.python_version()}, commit {commit}, "
+            f"- torch {torch.__version__}, Python {platform.python_version()}, commit {commit()}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}",
             f"- config `{args.config}` {' '.join(args.user_overrides)}; seeds {args.seed_list}; "
             f"{args.steps} steps / {args.budget:g} s of training; validation on {args.eval_windows} windows "
@@ -202,7 +200,7 @@ def main() -> int:
               "tensorboard=false", "threads=1", f"checkpoint_interval={NEVER}", f"eval_interval={args.eval_interval}",
               f"eval_batches={batches}"]
     prepare_data(cfg, log=lambda *a: None)  # download and tokenize outside the timed runs
-    lines = header(args)
+    lines = setup_lines(args)
 
     def run(job: tuple[str, int]) -> dict:
         row, seed = job
@@ -224,7 +222,13 @@ def main() -> int:
     lines += table(runs, lambda r: within_budget(r, args.budget), f"Equal wall clock ({args.budget:g} s of training)")
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": lines[:3], "tables": lines[3:], "runs": runs}, indent=1))
+        import torch
+
+        from bench_env import header
+        from result_file import write_json
+
+        write_json(args.json, {"header": header(torch.device("cpu")), "setup": lines[:3], "tables": lines[3:],
+                               "runs": runs})
     return 0
 
 

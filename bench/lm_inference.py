@@ -21,11 +21,14 @@ import argparse
 import json
 import sys
 
+import torch
+
+from bench_env import header, print_header
+from result_file import write_json
+
 
 def measure(checkpoint: str, solver: str, max_steps: int, tol: float, windows: int, new_tokens: int,
             repeats: int) -> dict:
-    import torch
-
     from revdeq_kernels.lm import cache_parity, generate, load_model, prepare_data
     from revdeq_kernels.lm.batches import eval_starts, window_batch
 
@@ -77,16 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = [(int(steps), float(tol)) for steps, tol in (item.split(":") for item in args.settings.split(","))]
     except ValueError:
         parser.error(f"--settings {args.settings!r}: expected max_steps:tol[,max_steps:tol...], e.g. 32:1e-3")
+    info = header(torch.device("cpu"))
+    print_header(info, f"lm_inference: {args.checkpoint}, {args.windows} windows, {args.new_tokens} new tokens")
     rows = []
     for max_steps, tol in settings:
         for solver in args.solvers.split(","):
             rows.append(measure(args.checkpoint, solver, max_steps, tol, args.windows, args.new_tokens, args.repeats))
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        from revdeq_kernels.lm.io import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, dict(header=info, rows=rows))
     return 0
 
 

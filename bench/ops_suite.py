@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from bench_env import header, print_header
-from e2e_report import write_json
+from result_file import write_json
 from revdeq_kernels import ops
 from revdeq_kernels.ops.reference import accumulation_dtype
 

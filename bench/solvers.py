@@ -14,7 +14,6 @@ imports this file and asserts its evaluation counts at width 16, tol 1e-10.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -22,6 +21,8 @@ import torch
 from torch import nn
 
 import revdeq_kernels as rk
+from bench_env import header, print_header
+from result_file import write_json
 
 SOLVERS = ("fixed_point", "anderson", "broyden")
 
@@ -54,14 +55,16 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=lambda s: [int(v) for v in s.split(",")], default=[16, 64, 256])
     parser.add_argument("--tols", type=_floats, default=[1e-4, 1e-8])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    info = header(torch.device("cpu"))
+    print_header(info, f"solvers: f evaluations (wall ms) to each tolerance, median of {args.seeds} seeds")
     rows = []
     print("| width | tol | " + " | ".join(f"{s} nfe (ms)" for s in SOLVERS) + " |")
     print("|---|---|" + "---|" * len(SOLVERS))
@@ -76,9 +79,9 @@ def main() -> None:
             print(f"| {width} | {tol:g} | " + " | ".join(f"{cells[s]['nfe']:g} ({cells[s]['ms']:.1f})"
                                                       for s in SOLVERS) + " |")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(dict(torch=torch.__version__, seeds=args.seeds, rows=rows), out, indent=1)
+        write_json(args.json, dict(header=info, seeds=args.seeds, rows=rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

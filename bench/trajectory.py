@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -29,7 +27,9 @@ import warnings
 import torch
 
 import revdeq_kernels as rk
+from bench_env import header, print_header
 from drift import ResidualBlock
+from result_file import write_json
 
 WIDTH, BATCH = 64, 8
 TIMING_BATCH = 128  # large enough that the step's arithmetic, not Python, sets the time
@@ -143,8 +143,7 @@ def trained_model_rows(checkpoint: str, windows: int, depths: list[int]) -> list
 
 
 def block_rows(args) -> list[dict]:
-    print(f"# trajectory loss: torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
-          f"residual block width {WIDTH}, batch {BATCH}, loss on z at N/4, N/2, 3N/4, N; float32 unless named")
+    print(f"# trajectory loss: residual block width {WIDTH}, batch {BATCH}, loss on z at N/4, N/2, 3N/4, N; float32 unless named")
     print("| beta | N | float32 autograd | exact reversal | float reversal | saved: exact, 4 states "
           "| saved: exact, z only | saved: unrolled | step time, 4 states / z only |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -177,11 +176,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    info = header(torch.device("cpu"))
+    print_header(info, "trajectory: losses on z at N/4, N/2, 3N/4 and N (states_at)")
     rows = (trained_model_rows(args.checkpoint, args.windows, [int(n) for n in args.steps.split(",")])
             if args.checkpoint else block_rows(args))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(args.json, dict(header=info, rows=rows))
     return 0
 
 

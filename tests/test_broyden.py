@@ -4,32 +4,21 @@ updates, a rejected step, converged samples), and its gradients under every adjo
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import revdeq_kernels as rk
-from tests.helpers import TanhBlock, relative_error
+from tests.helpers import TanhBlock, bench_module, relative_error
 
 F64 = torch.float64
 
 
-def _bench_solvers():
-    """bench/solvers.py, whose block and measurement this test shares (one reference)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "solvers.py"
-    spec = importlib.util.spec_from_file_location("bench_solvers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_broyden_needs_fewer_evaluations_than_fixed_point_and_anderson(seed):
-    measure = _bench_solvers().measure
+    measure = bench_module("solvers").measure  # its block and measurement (one reference)
     nfe = {solver: measure(solver, 16, 1e-10, seed)[0] for solver in ("fixed_point", "anderson", "broyden")}
     # Measured: seed 0 225 / 51 / 33, seed 1 105 / 40 / 24 (Broyden's convergence is superlinear).
     assert nfe["broyden"] < nfe["anderson"] < nfe["fixed_point"], f"evaluations to tol 1e-10: {nfe}"

@@ -3,7 +3,6 @@ script cannot rot before a GPU is lent), and the pieces that decide pass or fail
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,21 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import bench_module
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-
-
-def _bench(name: str):
-    """A bench/ script as a module (bench/ on sys.path, as when it runs as a script)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.slow
@@ -51,7 +39,7 @@ def test_smoke_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
     allowed = {"build": ("skipped", "--smoke uses the installed build")}
     # as rk.backends() says under the smoke's environment: no triton, or an interpreter that cannot run it
     smoke_env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    unavailable = _bench("gpu_check")._triton_unavailable(smoke_env)
+    unavailable = bench_module("gpu_check")._triton_unavailable(smoke_env)
     if unavailable:
         allowed["odd views triton"] = ("skipped", unavailable[:160])
     assert not_passed == allowed, not_passed
@@ -61,23 +49,23 @@ def test_smoke_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
                      "ops.json", "tests.xml"], files
     assert "calls, 0 mismatches" in stages["odd views cpp"]["result"], stages["odd views cpp"]
     ops_rows = json.loads((out / "ops.json").read_text())["results"]
-    ops_names = set(_bench("ops_suite").OPS)
+    ops_names = set(bench_module("ops_suite").OPS)
     assert {r["op"] for r in ops_rows} == ops_names, {r["op"] for r in ops_rows} ^ ops_names
     assert all(r["copy_gbps"] > 0 and r["of_copy"] > 0 for r in ops_rows), ops_rows[0]
     e2e_rows = json.loads((out / "e2e.json").read_text())["rows"]
     methods = {r["method"] for r in e2e_rows if "error" not in r}
-    assert methods == set(_bench("gpu_check").E2E_METHODS.split(",")), methods
+    assert methods == set(bench_module("gpu_check").E2E_METHODS.split(",")), methods
     assert all(r["time_ms"] > 0 and r["step_mb"] is not None for r in e2e_rows), e2e_rows[0]
     assert "tokens/s" in stages["train"]["result"], stages["train"]
     # ... and the report for RESULTS.md renders all of it
-    text = _bench("gpu_report").report(out)
+    text = bench_module("gpu_report").report(out)
     assert all(f"| {name} | {s['status']} |" in text for name, s in stages.items()), text[:2000]
     assert text.count("| `") == len({(r["op"], r["mix"], r["elements"]) for r in ops_rows}), text
     assert all(f"| {m} |" in text for m in methods), text[-3000:]
 
 
 def _check(tmp_path, **overrides):
-    gpu_check = _bench("gpu_check")
+    gpu_check = bench_module("gpu_check")
     args = dict(smoke=True, quick=False, out=str(tmp_path), budget_s=60.0, archs="9.0", test_jobs=1, train_s=5.0,
                 stages="")
     return gpu_check, gpu_check.Check(Namespace(**(args | overrides)))
@@ -111,7 +99,7 @@ def test_a_stage_without_budget_left_is_skipped(tmp_path):
 
 
 def test_a_parity_file_without_a_test_that_ran_is_reported(tmp_path):
-    gpu_check = _bench("gpu_check")
+    gpu_check = bench_module("gpu_check")
     junit = tmp_path / "junit.xml"
     junit.write_text('<testsuites><testsuite>'
                      '<testcase classname="tests.test_ops" name="a"/>'
@@ -127,7 +115,7 @@ def _e2e_row(method, steps, time_ms, step_mb):
 
 
 def test_e2e_targets_compare_reversible_with_unrolled():
-    gpu_check = _bench("gpu_check")
+    gpu_check = bench_module("gpu_check")
     rows = [_e2e_row("unrolled", 2, 10.0, 100.0), _e2e_row("unrolled", 16, 60.0, 800.0),
             _e2e_row("reversible", 2, 12.0, 50.0), _e2e_row("reversible", 16, 90.0, 52.0),
             _e2e_row("reversible_exact", 2, 13.0, 50.0), _e2e_row("reversible_exact", 16, 70.0, 70.0),
@@ -144,7 +132,7 @@ def test_e2e_targets_compare_reversible_with_unrolled():
 
 
 def test_odd_views_are_misaligned_or_strided_and_hold_the_values():
-    odd = _bench("odd_views")
+    odd = bench_module("odd_views")
     values = torch.randn(3, 7, dtype=torch.float32)
     layouts = odd.views(values)
     assert layouts["offset"].is_contiguous() and layouts["offset"].data_ptr() % 8 != 0
@@ -154,7 +142,7 @@ def test_odd_views_are_misaligned_or_strided_and_hold_the_values():
 
 
 def test_odd_views_mismatch_catches_one_bad_element_and_a_nan():
-    odd = _bench("odd_views")
+    odd = bench_module("odd_views")
     expected = torch.randn(4, 5, dtype=torch.float32)
     tol = odd.elementwise(torch.float32)
     assert odd.mismatch("state", expected.clone(), expected, tol) is None
@@ -187,7 +175,7 @@ def test_the_correctness_stages_run_triton_untuned_and_the_timed_ones_tune(tmp_p
 
 
 def test_the_report_copies_each_measured_number_and_marks_what_is_missing(tmp_path):
-    gpu_report = _bench("gpu_report")
+    gpu_report = bench_module("gpu_report")
     stage = dict(name="ops", status="passed", seconds=91.4, result="worst relax_ bf16<-bf16 triton", command=[])
     (tmp_path / "gpu_check.json").write_text(json.dumps(dict(
         mode="full", ok=False, seconds=402.6, budget_s=480.0, stages=[stage],

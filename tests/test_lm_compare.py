@@ -26,6 +26,8 @@ def test_lm_compare_tables_over_seeds(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert {"device", "commit", "torch"} <= set(result["header"]), result["header"]
+    assert result["setup"][0].startswith("- machine:"), result["setup"]
     runs = result["runs"]
     assert sorted(runs) == ["explicit-1", "reversible-normed-exact"], sorted(runs)
     for row, seeds in runs.items():

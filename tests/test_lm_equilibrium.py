@@ -16,6 +16,7 @@ from revdeq_kernels.lm.config import ConfigError, LMConfig, preset_names, read_y
 from revdeq_kernels.lm.evaluation import evaluate_depths
 from revdeq_kernels.lm.model import supervised_steps
 from revdeq_kernels.lm.penalties import depth_penalty, residual_penalty
+from tests.helpers import bench_module
 from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
 from tests.test_lm_model import model_config
 
@@ -289,18 +290,17 @@ def test_under_a_time_budget_the_tail_is_the_last_share_of_the_training_time(tmp
     assert steps[0] == 2 and steps[-1] == 3 and steps == sorted(steps), f"solver steps per training step: {steps}"
 
 
-def test_trajectory_loss_on_a_trained_model_is_exact(tmp_path, monkeypatch):
+def test_trajectory_loss_on_a_trained_model_is_exact(tmp_path):
     """bench/trajectory.py --checkpoint: on a trained model, the gradient of a loss on the read-outs
     of z at N/4 .. N (rk.DEQ's states_at) with the exact reversal is float32 autograd's, to within
     10x of its own error against float64."""
-    import importlib
-    from pathlib import Path
     cfg = small_config(tmp_path, max_iters=20, eval_interval=20, checkpoint_interval=20)
     result = train(cfg, log=lambda *args: None)
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    trajectory = importlib.import_module("trajectory")
+    trajectory = bench_module("trajectory")
     out = tmp_path / "rows.json"
     checkpoint = str(result.out_dir / "last.pt")
     assert trajectory.main(["--checkpoint", checkpoint, "--steps", "4", "--windows", "4", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    assert {"device", "commit", "torch"} <= set(payload["header"]), payload["header"]
+    (row,) = payload["rows"]
     assert row["exact"] <= 10 * row["autograd_f32"], row

@@ -11,6 +11,7 @@ import torch
 from revdeq_kernels.lm import TransformerLM, cache_parity, generate, sample_token, train
 from revdeq_kernels.lm.block import CachedSolveBlock
 from revdeq_kernels.lm.cli import eval_main, generate_main
+from tests.helpers import bench_module
 from tests.test_lm_helpers import single_thread, small_config  # noqa: F401  (autouse fixture)
 from tests.test_lm_model import model_config
 
@@ -209,18 +210,14 @@ def test_cache_kind_errors():
 
 
 def test_inference_bench_compares_the_solvers_on_a_checkpoint(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "lm_inference.py"
-    spec = importlib.util.spec_from_file_location("lm_inference", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("lm_inference")
     train(small_config(tmp_path, max_iters=3, eval_interval=3, checkpoint_interval=3), log=lambda *a: None)
     out = tmp_path / "inference.json"
     assert bench.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--settings", "20:1e-2", "--windows", "2",
                        "--new-tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    assert {"device", "commit", "torch"} <= set(payload["header"]), payload["header"]
+    rows = payload["rows"]
     assert [row["solver"] for row in rows] == ["reversible", "anderson"], rows
     for row in rows:
         assert row["auto_cache"] == "equilibrium" and row["window_residual"] <= 1e-2, row

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import revdeq_kernels as rk
-from tests.helpers import ResidualBlock, TanhBlock, backend_device_pairs, pair_id, relative_error
+from tests.helpers import ResidualBlock, TanhBlock, backend_device_pairs, bench_module, pair_id, relative_error
 
 F64 = torch.float64
 STEPS = (1, 3, 6, 8)
@@ -263,16 +263,16 @@ def test_deq_refuses_states_at_without_exact_iterates(solver, adjoint):
         rk.DEQ(functools.partial(f), solver=solver, adjoint=adjoint)(x, states_at=(2,))
 
 
-def test_trajectory_bench_runs(tmp_path, monkeypatch, capsys):
+def test_trajectory_bench_runs(tmp_path, capsys):
     """bench/trajectory.py at a tiny size: its table prints and the exact reversal's row is float32
     backprop's error, so the README's figures cannot rot unseen."""
     import json
-    from pathlib import Path
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import trajectory
+    trajectory = bench_module("trajectory")
     out = tmp_path / "rows.json"
     assert trajectory.main(["--steps", "8", "--betas", "0.5", "--repeats", "1", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    assert {"device", "commit", "torch"} <= set(payload["header"]), payload["header"]
+    (row,) = payload["rows"]
     assert row["exact"] <= 10 * row["autograd_f32"], row
     assert row["saved_exact_states"] == row["saved_exact"], row
     assert "| 0.5 | 8 |" in capsys.readouterr().out

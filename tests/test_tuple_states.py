@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import revdeq_kernels as rk
-from tests.helpers import relative_error
+from tests.helpers import bench_module, relative_error
 
 F64 = torch.float64
 
@@ -164,13 +164,7 @@ def test_structured_residual_blocks_are_exact(block):
     """bench/structured_f.py's blocks, both expansive (residual): a cross-attention block fed its
     memory as a context keyword and a two-resolution GroupNorm block with a tuple state. The
     exact reversal gives float64 autograd's gradients through 16 steps; the float one is far off."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "structured_f.py"
-    spec = importlib.util.spec_from_file_location("structured_f", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("structured_f")
     truth, _ = bench.gradients(block, F64, adjoint="unrolled")
     exact, stats = bench.gradients(block, F64, reversal="exact")
     assert stats.reconstruction_error == 0.0
