@@ -11,6 +11,7 @@ solver:  "fixed_point" (relaxed iteration, damping beta in (0, 1], default 1),
 adjoint: "unrolled"    autograd through every solver step (exact for the iteration; memory grows),
          "implicit"    implicit-function-theorem adjoint, solved by backward_solver,
          "phantom"     autograd through phantom_steps damped steps from z* (phantom_beta),
+                       or, with states_at, from each returned state (fixed-point correction),
          "reversible"  the exact reversible backward; needs solver="reversible".
 
 Statistics (``last_stats``), per method, with N = ``steps``:
@@ -19,7 +20,8 @@ Statistics (``last_stats``), per method, with N = ``steps``:
     nfe_backward  evaluations of f (new forward passes of f) in the backward call:
                   unrolled 0 (autograd replays the stored graphs: nfe_forward VJPs),
                   implicit 1 (f(z*) rebuilt once; the adjoint solve's VJPs through it are
-                  counted in ``last_adjoint_stats``), phantom k, reversible 2N.
+                  counted in ``last_adjoint_stats``), phantom k (k per state backpropagated
+                  through, with ``states_at``), reversible 2N.
     reconstruction_error  None unless adjoint="reversible".
 ``last_adjoint_stats`` (implicit only, filled by the backward pass): the adjoint solve's
 steps and residuals; its nfe_forward counts the VJPs of that solve (1 + its steps), and one
@@ -39,7 +41,7 @@ from .f_module import attach_f, bind_context, gradient_inputs
 from .problem import eager_under_compile, make_problem
 from .reversal import forward_solve
 from .reversible import solve
-from .settings import DEQSettings
+from .settings import DEQSettings, state_steps
 from .solvers import AtEquilibriumFunction, ImplicitAdjoint, PhantomAdjoint, iterative_solver
 from .stats import SolverStats
 
@@ -100,33 +102,41 @@ class DEQ(nn.Module):
     @eager_under_compile
     def forward(self, x, z0=None, *, states_at=None, **context):
         """z* = f(z*, x, **context); the context's tensors that require grad get gradients.
-        x and z0 may be tuples of tensors, as for ``rk.solve``. ``states_at`` (the reversible
-        iteration with the reversible or unrolled adjoint only) returns instead the list of z
-        after those steps, as ``ReversibleDEQ`` does."""
+        x and z0 may be tuples of tensors, as for ``rk.solve``.
+
+        ``states_at=(k1, k2, ...)`` returns instead the list of z after those steps (a step
+        past the stop is the solution), for a loss on the trajectory. Their gradients: with
+        adjoint="reversible" or "unrolled", the iteration's own (exact); with "phantom", each
+        state's own phantom gradient, its phantom_steps damped steps taken from that state
+        (the fixed-point correction of Bai et al. 2022, torchdeq's ``indexing``)."""
         s = self.settings
-        if states_at is not None and not (s.solver == "reversible" and s.adjoint in ("reversible", "unrolled")):
-            raise ValueError(f"states_at needs solver='reversible' with adjoint='reversible' or 'unrolled', whose "
-                             f"iterates have exact gradients; this DEQ has solver={s.solver!r}, adjoint={s.adjoint!r}")
+        keep = state_steps(states_at, s.max_steps)
+        if keep and s.adjoint == "implicit":
+            raise ValueError("states_at with adjoint='implicit': the implicit adjoint differentiates at the fixed "
+                             "point only, and z after k steps is not one; use adjoint='phantom' (each state its "
+                             "own phantom gradient, torchdeq's fixed-point correction) or 'unrolled' (the "
+                             "iteration's exact gradients)")
         self.last_adjoint_stats = None
         f, context_tensors = bind_context(self.f, context)
         if is_several(x) or is_several(z0):
             states = solve_several(f, x, z0, lambda packed_f, x_flat, z0_flat: (
-                self._solve(packed_f, x_flat, z0_flat, context_tensors, states_at), None))[0]
+                self._solve(packed_f, x_flat, z0_flat, context_tensors, keep), None))[0]
         else:
-            states = self._solve(f, x, z0, context_tensors, states_at)
-        return states if states_at is not None else states[0]
+            states = self._solve(f, x, z0, context_tensors, keep)
+        return states if keep else states[0]
 
-    def _solve(self, f, x: Tensor, z0: Tensor | None, context_tensors: list, states_at=None) -> list[Tensor]:
-        """[z*], or the states of ``states_at``."""
+    def _solve(self, f, x: Tensor, z0: Tensor | None, context_tensors: list, keep: tuple[int, ...]) -> list[Tensor]:
+        """[z*], or the states of ``keep``."""
         s = self.settings
         if s.solver == "reversible" and s.adjoint in ("reversible", "unrolled"):
             solution = solve(f, x, z0, settings=s.reversible_solve(), parameters=context_tensors or None,
-                             states_at=states_at)
+                             states_at=keep or None)
             self.last_stats = solution.stats
-            return solution.states if states_at is not None else [solution.z]
-        return [self._solve_at_equilibrium(f, x, z0, context_tensors)]
+            return solution.states if keep else [solution.z]
+        return self._solve_at_equilibrium(f, x, z0, context_tensors, keep)
 
-    def _solve_at_equilibrium(self, f, x: Tensor, z0: Tensor | None, context_tensors: list) -> Tensor:
+    def _solve_at_equilibrium(self, f, x: Tensor, z0: Tensor | None, context_tensors: list,
+                              keep: tuple[int, ...]) -> list[Tensor]:
         s = self.settings
         params = gradient_inputs(f, context_tensors)
         problem, start = make_problem(f, x, z0, s, params)
@@ -134,33 +144,42 @@ class DEQ(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
             or (s.adjoint == "unrolled" and z0 is not None and z0.requires_grad))
-        solve_forward = partial(self._solve_without_graph, problem, x, start)
         if not needs_grad:
             with torch.no_grad():
-                return solve_forward()
+                return self._solve_without_graph(problem, x, start, keep)
         if s.adjoint == "unrolled":
-            return self._solve_unrolled(problem, x, z0, start)
+            return self._solve_unrolled(problem, x, z0, start, keep)
         if s.adjoint == "implicit":
             self.last_adjoint_stats = SolverStats(backend=problem.backend)
             adjoint = ImplicitAdjoint(self._iterate(s.backward_solver), s.backward_beta, s.backward_max_steps,
                                       s.backward_tol, self.last_adjoint_stats)
         else:
             adjoint = PhantomAdjoint(s.phantom_steps, s.phantom_beta)
-        return AtEquilibriumFunction.apply(problem, solve_forward, adjoint, x, *params)
+        with torch.no_grad():
+            states = self._solve_without_graph(problem, x, start, keep)
+        # z*, or each state of keep, gets the adjoint's backward from where it stands
+        return [AtEquilibriumFunction.apply(problem, partial(_given, state), adjoint, x, *params)
+                for state in states]
 
-    def _solve_without_graph(self, problem, x: Tensor, start: Tensor) -> Tensor:
+    def _solve_without_graph(self, problem, x: Tensor, start: Tensor, keep: tuple[int, ...] = ()) -> list[Tensor]:
+        """[z*], or the states of ``keep``."""
         if self.settings.solver == "reversible":
-            return forward_solve(problem, x, start)[0]
-        evaluate = partial(_call_f, problem, x)
-        z = self._iterate(self.settings.solver)(problem, evaluate, start.clone())
+            z, states = forward_solve(problem, x, start, keep)
+            return states if keep else [z]
+        trajectory = _Trajectory(keep, copy=True)  # the fixed-point solve updates its state in place
+        z = self._iterate(self.settings.solver)(problem, partial(_call_f, problem, x), start.clone(),
+                                                visit=trajectory.visit if keep else None)
         problem.stats.nfe_forward = 1 + problem.stats.steps
-        return z
+        return trajectory.states(z) if keep else [z]
 
-    def _solve_unrolled(self, problem, x: Tensor, z0: Tensor | None, start: Tensor) -> Tensor:
+    def _solve_unrolled(self, problem, x: Tensor, z0: Tensor | None, start: Tensor,
+                        keep: tuple[int, ...]) -> list[Tensor]:
         start = start if z0 is None else z0.to(problem.state_dtype)  # keeps the graph to z0
-        z = self._iterate(self.settings.solver)(problem, partial(_call_f, problem, x), start, differentiable=True)
+        trajectory = _Trajectory(keep, copy=False)
+        z = self._iterate(self.settings.solver)(problem, partial(_call_f, problem, x), start, differentiable=True,
+                                                visit=trajectory.visit if keep else None)
         problem.stats.nfe_forward = 1 + problem.stats.steps
-        return z
+        return trajectory.states(z) if keep else [z]
 
     def extra_repr(self) -> str:
         """The settings in use: the defaults filled in, the unused ones (None) left out."""
@@ -170,3 +189,22 @@ class DEQ(nn.Module):
 
 def _call_f(problem, x: Tensor, state: Tensor, index: int) -> Tensor:
     return problem.call_f(state, x, index)
+
+
+def _given(state: Tensor) -> Tensor:
+    return state
+
+
+class _Trajectory:
+    """Keeps z after the steps of ``keep`` as a solver visits them; ``states(z)`` lists them,
+    a step past the stop being the solution z, each state a tensor of its own."""
+
+    def __init__(self, keep: tuple[int, ...], copy: bool):
+        self.keep, self.copy, self.kept = keep, copy, {}
+
+    def visit(self, step: int, state: Tensor) -> None:
+        if step in self.keep:
+            self.kept[step] = state.clone() if self.copy else state
+
+    def states(self, z: Tensor) -> list[Tensor]:
+        return [z.clone() if state is z else state for state in (self.kept.get(k, z) for k in self.keep)]

@@ -156,9 +156,10 @@ def test_depth_penalty_is_the_loss_one_more_evaluation_adds_and_trains_both_side
     assert float(depth_penalty(deeper.detach(), loss.detach())) == 0.0, "no penalty when one more evaluation lowers the loss"
 
 
-def test_state_loss_needs_exact_iterates():
-    with pytest.raises(ConfigError, match="state_loss.*method=reversible or unrolled.*method is implicit"):
-        load_config("tiny", ["method=implicit", "state_loss=1"])
+@pytest.mark.parametrize("method", ["implicit", "broyden"])
+def test_state_loss_needs_gradients_at_the_states(method):
+    with pytest.raises(ConfigError, match=f"state_loss.*method=reversible or unrolled.*or phantom.*method is {method}"):
+        load_config("tiny", [f"method={method}", "state_loss=1"])
 
 
 @pytest.mark.parametrize("steps, supervised", [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 3, 4)),
@@ -167,7 +168,7 @@ def test_state_loss_supervises_the_quarters(steps, supervised):
     assert supervised_steps(steps) == supervised
 
 
-@pytest.mark.parametrize("method", ["reversible", "unrolled"])
+@pytest.mark.parametrize("method", ["reversible", "unrolled", "phantom"])
 def test_state_loss_is_the_mean_loss_of_the_intermediate_states(method):
     """state_loss=w adds w * mean over k in (1, 2, 3) of the cross-entropy of a k-step solve's
     read-out (with tol=0 the k-th state of a 4-step solve is a k-step solve's z)."""

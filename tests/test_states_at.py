@@ -255,14 +255,6 @@ def test_deq_with_the_reversible_solver_returns_states(adjoint):
     assert torch.equal(grad_a, grad_b), f"DEQ's dL/dx is {relative_error(grad_b, grad_a):.2e} off ReversibleDEQ's"
 
 
-@pytest.mark.parametrize("solver, adjoint", [("anderson", "implicit"), ("reversible", "phantom")])
-def test_deq_refuses_states_at_without_exact_iterates(solver, adjoint):
-    f, x, _ = setup()
-    with pytest.raises(ValueError, match=f"states_at needs solver='reversible'.*solver='{solver}', "
-                                         f"adjoint='{adjoint}'"):
-        rk.DEQ(functools.partial(f), solver=solver, adjoint=adjoint)(x, states_at=(2,))
-
-
 def test_trajectory_bench_runs(tmp_path, capsys):
     """bench/trajectory.py at a tiny size: its table prints and the exact reversal's row is float32
     backprop's error, so the README's figures cannot rot unseen."""

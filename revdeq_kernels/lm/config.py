@@ -86,7 +86,7 @@ class LMConfig:
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
     depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
-    state_loss: float = 0.0         # reversible/unrolled: weight of the mean CE of z at N/4, N/2, 3N/4 (fixed-point correction; 0: off)
+    state_loss: float = 0.0         # reversible/unrolled/phantom: weight of the mean CE of z at N/4, N/2, 3N/4 (fixed-point correction; 0: off)
     tail_fraction: float = 0.0      # DEQ training: the last tail_fraction of the steps (or of time_budget_s) solve at tail_max_steps (0: off)
     tail_max_steps: int = 16        # DEQ training: the solver steps of those last steps (broyden: 2x, as max_steps)
     checkpoint_every: int = 0       # reversal=float: store the states every this many steps (0: never)
@@ -149,9 +149,10 @@ class LMConfig:
         # the DEQ-only training terms (an explicit model has no fixed point) are ignored by explicit
         for key in ("depth_jitter", "jac_reg", "res_reg", "depth_reg", "state_loss"):
             need(getattr(self, key) >= 0, key, "must be >= 0 (0: off)")
-        need(self.state_loss == 0 or self.method in ("reversible", "unrolled", "explicit"), "state_loss",
-             f"supervises the solver's intermediate states, which only method=reversible or unrolled "
-             f"differentiates exactly (method is {self.method})")
+        need(self.state_loss == 0 or self.method in ("reversible", "unrolled", "phantom", "explicit"), "state_loss",
+             f"supervises the solver's intermediate states: method=reversible or unrolled (their exact "
+             f"gradients) or phantom (each state's own phantom gradient, DEQ-Flow's fixed-point correction); "
+             f"the implicit adjoint holds at the equilibrium only (method is {self.method})")
         need(0.0 <= self.tail_fraction <= 1.0, "tail_fraction", "must be in [0, 1] (0: off)")
         need(self.tail_max_steps >= 1, "tail_max_steps", "must be >= 1")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")

@@ -25,7 +25,7 @@ from .phantom import PhantomAdjoint, phantom_steps
 
 
 def iterative_solver(name: str, m: int | None = None, lam: float | None = None):
-    """``iterate(problem, evaluate, start, *, differentiable=False)`` for a solver name
+    """``iterate(problem, evaluate, start, *, differentiable=False, visit=None)`` for a solver name
     (one of settings.ITERATIVE_SOLVERS, validated with the settings)."""
     if name == "anderson":
         return partial(anderson_solve, m=m, lam=lam)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..convergence import ConvergenceMonitor
 from ..ops.reference import accumulation_dtype, rows
-from .fixed_point import Evaluate, residual_sums
+from .fixed_point import Evaluate, Visit, residual_sums
 
 
 def mixing_weights(residuals: Tensor, lam: float) -> Tensor:
@@ -60,7 +60,7 @@ def anderson_step(states: list[Tensor], images: list[Tensor], beta: float, lam: 
 
 
 def anderson_solve(problem, evaluate: Evaluate, start: Tensor, *, m: int, lam: float,
-                   differentiable: bool = False) -> Tensor:
+                   differentiable: bool = False, visit: Visit | None = None) -> Tensor:
     """Iterate from ``start`` (never mutated); returns z_steps. Same evaluation order,
     stop test and stats as ``fixed_point_solve``; the window holds m (state, image) pairs."""
     monitor = ConvergenceMonitor(problem)
@@ -74,6 +74,8 @@ def anderson_solve(problem, evaluate: Evaluate, start: Tensor, *, m: int, lam: f
             break
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             z = anderson_step(states, images, problem.beta, lam)
+        if visit is not None:
+            visit(n + 1, z)
         g_z = evaluate(z, n + 1)
         states.append(z)
         images.append(g_z)

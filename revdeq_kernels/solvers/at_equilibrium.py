@@ -26,13 +26,15 @@ def vjps_or_zeros(out: Tensor, inputs: list[Tensor], cotangent: Tensor, retain_g
 
 
 class AtEquilibriumFunction(torch.autograd.Function):
-    """forward(problem, solve_forward, adjoint, x, *params) -> z*, where ``solve_forward()``
-    runs the forward solver (no graph) and returns z*."""
+    """forward(problem, solved, adjoint, x, *params) -> z*, where ``solved()`` returns z*, found
+    without a graph (or a state on the way there: ``states_at``). z* is handed over by a
+    callable, not as an input: autograd makes an input returned unchanged a view, which then
+    refuses in-place updates."""
 
     @staticmethod
-    def forward(ctx, problem, solve_forward, adjoint, x, *params):
+    def forward(ctx, problem, solved, adjoint, x, *params):
         ctx.parameter_versions = problem.parameter_versions()
-        z = solve_forward()
+        z = solved()
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.save_for_backward(x, z)
         return z

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..convergence import ConvergenceMonitor, relative_residual
 from ..ops.reference import accumulation_dtype, rows
-from .fixed_point import Evaluate, residual_sums
+from .fixed_point import Evaluate, Visit, residual_sums
 
 REJECT_GROWTH = 2.0
 
@@ -87,7 +87,8 @@ class InverseJacobian:
         self.pairs = self.pairs + samples.long()
 
 
-def broyden_solve(problem, evaluate: Evaluate, start: Tensor, *, m: int, differentiable: bool = False) -> Tensor:
+def broyden_solve(problem, evaluate: Evaluate, start: Tensor, *, m: int, differentiable: bool = False,
+                  visit: Visit | None = None) -> Tensor:
     """Iterate from ``start`` (never mutated); returns z_steps. Same evaluation order,
     stop test and stats as ``fixed_point_solve``; H holds at most m (u, v) pairs."""
     b = problem.beta
@@ -153,6 +154,8 @@ def broyden_solve(problem, evaluate: Evaluate, start: Tensor, *, m: int, differe
             z, g = torch.where(rejected[:, None], z, z_new), torch.where(rejected[:, None], g, g_new)
             z_state = torch.where(rejected.reshape(per_sample), z_state, z_new_state)
             f_state = torch.where(rejected.reshape(per_sample), f_state, f_new_state)
+            if visit is not None:  # after the rejection: a rejected sample's state is the old one
+                visit(n + 1, z_state)
         else:
             monitor.converged(steps, *residual_sums(problem, z_state, f_state))
     monitor.finish(steps)

@@ -18,6 +18,8 @@ from ..convergence import ConvergenceMonitor
 from ..ops.reference import relax
 
 Evaluate = Callable[[Tensor, int], Tensor]
+# visit(n, z_n) after step n, for states_at; z_n may be updated in place by later steps
+Visit = Callable[[int, Tensor], None]
 
 
 def residual_sums(problem, z: Tensor, g_z: Tensor) -> tuple[Tensor, Tensor]:
@@ -26,7 +28,8 @@ def residual_sums(problem, z: Tensor, g_z: Tensor) -> tuple[Tensor, Tensor]:
         return ops.residual_norms(z.detach(), g_z.detach(), backend=problem.backend)
 
 
-def fixed_point_solve(problem, evaluate: Evaluate, start: Tensor, *, differentiable: bool = False) -> Tensor:
+def fixed_point_solve(problem, evaluate: Evaluate, start: Tensor, *, differentiable: bool = False,
+                      visit: Visit | None = None) -> Tensor:
     """Iterate from ``start`` (mutated in place unless ``differentiable``); returns z_steps.
 
     Evaluation n is g(z_n): one per step plus g(z_0), so the stop test after step n reads
@@ -45,6 +48,8 @@ def fixed_point_solve(problem, evaluate: Evaluate, start: Tensor, *, differentia
             z = relax(z, g_z, b)
         else:
             ops.relax_(z, g_z, b, backend=problem.backend)
+        if visit is not None:
+            visit(n + 1, z)
         g_z = evaluate(z, n + 1)
     else:
         monitor.converged(steps, *residual_sums(problem, z, g_z))

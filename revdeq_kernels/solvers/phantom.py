@@ -35,5 +35,5 @@ class PhantomAdjoint:
 
     def backward_output(self, problem, z_star: Tensor, x_in: Tensor, grad_z: Tensor):
         out = phantom_steps(problem, z_star, x_in, self.steps, self.damping)
-        problem.stats.nfe_backward = self.steps
+        problem.stats.nfe_backward += self.steps  # once per state, with states_at
         return out, grad_z
