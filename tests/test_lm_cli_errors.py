@@ -39,6 +39,19 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
     assert f"config file {folder} is a directory" in _one_line_error(capsys, ["--config", str(folder)])
 
 
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """revdeq-train --config tiny out_dir=tiny, run twice in one folder: the second run found the
+    first one's tiny/ and refused it as a config file that is a directory."""
+    from revdeq_kernels.lm.config import read_yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    values, source = read_yaml("tiny")
+    assert values["method"] == "reversible" and source.endswith("tiny.yaml"), source
+    (tmp_path / "mine").write_text("lr: 1.0e-3\n", encoding="utf-8")
+    assert read_yaml("mine")[0] == {"lr": 1.0e-3}, "a file without a .yaml suffix is still read as a config"
+
+
 def test_an_unusable_out_dir_is_refused_before_the_data_is_prepared(tmp_path, capsys):
     config = _config_file(tmp_path)
     blocker = tmp_path / "a_file"

@@ -304,7 +304,8 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
     import yaml
 
     path = Path(name_or_path)
-    if not path.exists() and path.suffix not in (".yaml", ".yml"):
+    if not path.is_file() and path.suffix not in (".yaml", ".yml"):
+        # a preset's name; a folder of that name (an out_dir called tiny) is no config
         path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(f"no config preset {name_or_path!r}; presets: {', '.join(preset_names())}, "
