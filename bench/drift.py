@@ -8,6 +8,8 @@ far the rebuilt start lands from the truth; NaN when it is not finite).
 
 Two blocks: ``tanh`` (the README quick start's, contractive) and ``residual`` (z + 0.5
 MLP(LN(z + Wx)), the language model's shape: expansive, where a float reversal drifts).
+First, for each block, the spectral radius of df/dz at its solution (rk.spectral_radius)
+says which is which.
 """
 
 from __future__ import annotations
@@ -46,10 +48,22 @@ class ResidualBlock(nn.Module):
 BLOCKS = {"tanh": Block, "residual": ResidualBlock}
 
 
-def gradients(block, dtype, beta, steps, width=32, batch=8, **settings):
+def block_and_input(block, dtype, width=32, batch=8):
     torch.manual_seed(0)
     f = BLOCKS[block](width).to(dtype)
-    x = torch.randn(batch, width, dtype=dtype, requires_grad=True)
+    return f, torch.randn(batch, width, dtype=dtype, requires_grad=True)
+
+
+def jacobian_radius(block, beta, steps) -> torch.Tensor:
+    """rk.spectral_radius of df/dz at the float64 solution after ``steps`` steps, per sample."""
+    f, x = block_and_input(block, torch.float64)
+    with torch.no_grad():
+        z = rk.solve(f, x, beta=beta, max_steps=steps, tol=0).z
+    return rk.spectral_radius(f, z, x.detach())
+
+
+def gradients(block, dtype, beta, steps, **settings):
+    f, x = block_and_input(block, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the drift warning: this table is the measurement
         on_nonfinite = "raise" if settings.get("reversal") == "exact" else "warn"  # float: NaN rows, not errors
@@ -67,15 +81,21 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", default="tanh,residual", help="comma-separated: tanh, residual")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    rows = []
+    rows, radii = [], {}
     info = header(torch.device("cpu"))
     print_header(info, "drift: width 32, batch 8, loss sum z^2, backend auto")
     print("| block | states and f | beta | steps | reversal | grad rel. error vs unrolled | reconstruction error |")
     print("|---|---|---|---|---|---|---|")
+    betas, steps_list = [float(b) for b in args.betas.split(",")], [int(n) for n in args.steps.split(",")]
+    for block in args.blocks.split(","):
+        radius = jacobian_radius(block, betas[0], max(steps_list))
+        radii[block] = radius.tolist()
+        print(f"# {block}: spectral radius of df/dz at the float64 solution after {max(steps_list)} steps, beta "
+              f"{betas[0]}: median {radius.median():.3f}, max {radius.max():.3f} over the batch", flush=True)
     for block in args.blocks.split(","):
         for dtype in (torch.float64, torch.float32):
-            for beta in map(float, args.betas.split(",")):
-                for steps in map(int, args.steps.split(",")):
+            for beta in betas:
+                for steps in steps_list:
                     truth, _ = gradients(block, dtype, beta, steps, adjoint="unrolled", reversal=None)
                     variants = [("float", dict(reversal="float")),
                                 (f"float, checkpoint_every={args.checkpoint_every}",
@@ -92,7 +112,7 @@ def main(argv=None) -> int:
                         print(f"| {block} | {row['dtype']} | {beta} | {steps} | {name} | {err:.2e} | {recon:.2e} |",
                               flush=True)
     if args.json:
-        write_json(args.json, dict(header=info, rows=rows))
+        write_json(args.json, dict(header=info, spectral_radius=radii, rows=rows))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from . import ops
 from .deq import DEQ
+from .jacobian import spectral_radius
 from .ops import backends
 from .penalties import jacobian_penalty, residual_penalty
 from .reversible import ReversibleDEQ, solve
@@ -11,4 +12,4 @@ from .stats import Solution, SolverStats
 __version__ = "0.1.0"
 
 __all__ = ["DEQ", "ReversibleDEQ", "solve", "SolveSettings", "Solution", "SolverStats", "backends", "ops",
-           "jacobian_penalty", "residual_penalty", "__version__"]
+           "jacobian_penalty", "residual_penalty", "spectral_radius", "__version__"]

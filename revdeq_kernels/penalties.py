@@ -7,16 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .packing import Layout, PackedF, is_several
-from .f_module import BufferSnapshot, bind_context, check_callable
-
-
-def _block_of(f):
-    """f itself, or the f of a ReversibleDEQ or DEQ layer."""
-    from .deq import DEQ
-    from .reversible import ReversibleDEQ
-
-    return f.f if isinstance(f, (ReversibleDEQ, DEQ)) else f
+from .f_module import BufferSnapshot
+from .jacobian import block_at, evaluate_at
 
 
 def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
@@ -34,25 +26,11 @@ def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
     double backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    block, _ = bind_context(_block_of(f), context)
-    check_callable(block)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
-    if is_several(z) or is_several(x):  # a state of several tensors: the Jacobian of the whole
-        z_layout = Layout.of(z, "z") if is_several(z) else None
-        x_layout = Layout.of(x, "x") if is_several(x) else None
-        block = PackedF(block, z_layout, x_layout)
-        z = z_layout.pack(z) if z_layout is not None else z
-        x = x_layout.pack(x) if x_layout is not None else x
-    if not isinstance(z, Tensor) or not isinstance(x, Tensor):
-        raise TypeError(f"z and x must be tensors, got {type(z).__name__} and {type(x).__name__}")
-    z = z.detach().to(x.dtype).requires_grad_()
+    block, z, x = block_at(f, z, x, context)
     with torch.enable_grad(), BufferSnapshot(block), sdpa_kernel(SDPBackend.MATH):
-        fz = block(z, x)
-        if not isinstance(fz, Tensor) or fz.shape != z.shape:
-            got = tuple(fz.shape) if isinstance(fz, Tensor) else type(fz).__name__
-            raise ValueError(f"f returned {got} for z of shape {tuple(z.shape)}; the penalty needs f(z, x) "
-                             "of z's shape, at the solution z the layer returned")
+        fz = evaluate_at(block, z, x, "the penalty")
         total = None
         for _ in range(probes):
             (vjp,) = torch.autograd.grad(fz, z, torch.randn_like(fz), create_graph=True)

@@ -38,6 +38,7 @@ def test_drift_json(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert_header(payload, out)
     assert [r["reversal"] for r in payload["rows"]] == ["float", "exact"] * 2, payload["rows"]
+    assert max(payload["spectral_radius"]["tanh"]) < 1, payload["spectral_radius"]
     assert f"commit {payload['header']['commit']}" in capsys.readouterr().out
 
 

@@ -94,19 +94,27 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default=None, metavar="N,N,...",
                         help="DEQ: also evaluate at each of these solver steps (tol=0), e.g. 4,8,16")
     parser.add_argument("--plot", default=None, help="with --depths: write perplexity against steps to this PNG")
+    parser.add_argument("--spectral-radius", type=int, default=0, metavar="WINDOWS",
+                        help="DEQ: also estimate the spectral radius of the block's Jacobian at the solution on "
+                             "this many windows (below 1: a stable equilibrium)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     from .data import prepare_data
-    from .evaluation import evaluate, evaluate_depths
+    from .evaluation import equilibrium_spectral_radius, evaluate, evaluate_depths
 
     try:
         depths = _depths(args.depths, args.plot)
+        if args.spectral_radius < 0:
+            raise ValueError(f"--spectral-radius {args.spectral_radius}: the number of windows must be >= 0")
         model, tokenizer, cfg, ckpt, device = _load(args.checkpoint, args.overrides)
-        if depths and not model.is_deq:
-            raise ValueError(f"--depths: {args.checkpoint} is an explicit model (method=explicit), not a DEQ")
+        for flag, value in (("--depths", depths), ("--spectral-radius", args.spectral_radius)):
+            if value and not model.is_deq:
+                raise ValueError(f"{flag}: {args.checkpoint} is an explicit model (method=explicit), not a DEQ")
         data = prepare_data(cfg, tokenizer)
         result = evaluate(model, data[args.split], cfg, device, max_windows=args.max_windows)
         by_depth = evaluate_depths(model, data[args.split], cfg, device, depths, max_windows=args.max_windows)
+        if args.spectral_radius:
+            result.update(equilibrium_spectral_radius(model, data[args.split], cfg, device, args.spectral_radius))
     except _USER_ERRORS as error:
         return _fail(error)
     result = {"checkpoint": args.checkpoint, "step": ckpt["step"], "split": args.split,
@@ -119,6 +127,10 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"({_solver_name(model)}max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
               f"max {result['residual_max']:.3e}; absolute (RMS) mean {result['abs_residual_mean']:.3e} "
               f"max {result['abs_residual_max']:.3e}")
+    if args.spectral_radius:
+        print(f"spectral radius of df/dz at the solution: mean {result['spectral_radius_mean']:.4f} max "
+              f"{result['spectral_radius_max']:.4f} over {result['spectral_radius_windows']} windows "
+              f"({100 * result['spectral_radius_at_least_1']:.0f}% at 1 or above)")
     if by_depth:
         result["depths"] = by_depth
         print("steps  perplexity  relative residual (mean, max)  absolute residual RMS (mean, max)")

@@ -1,0 +1,169 @@
+"""rk.spectral_radius: the largest |eigenvalue| of df/dz at (z, x), per sample, against the
+dense Jacobian's eigenvalues (torch.linalg.eigvals of each sample's diagonal block), on
+matrices built to be hard for a plain power iteration (non-normal, a complex dominant pair,
+a dominant pair of opposite signs) and on the tests' blocks at their solutions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import revdeq_kernels as rk
+from tests.helpers import ResidualBlock, TanhBlock
+
+F64 = torch.float64
+
+
+def dense_radius(f, z, x) -> torch.Tensor:
+    """max |eig| of each sample's block of the dense Jacobian of z -> f(z, x)."""
+    jac = torch.autograd.functional.jacobian(lambda state: f(state, x), z.detach())
+    n = z[0].numel()
+    jac = jac.reshape(z.shape[0], n, z.shape[0], n)
+    return torch.stack([torch.linalg.eigvals(jac[b, :, b, :]).abs().max() for b in range(z.shape[0])])
+
+
+class Linear(nn.Module):
+    """f(z, x) = s_b A z + x, with s_b = x[b, 0]: sample b's Jacobian is s_b A."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, z, x):
+        return x[:, :1] * (z @ self.matrix.T) + x
+
+
+def with_eigenvalues(blocks: list[torch.Tensor], seed: int = 0) -> torch.Tensor:
+    """Q diag(blocks) Q^-1 for a random, ill-conditioned Q: a non-normal matrix whose
+    eigenvalues are those of the blocks (1x1 reals, 2x2 rotation-scalings)."""
+    g = torch.Generator().manual_seed(seed)
+    core = torch.block_diag(*blocks).to(F64)
+    q = torch.randn(core.shape, generator=g, dtype=F64) + 2 * torch.eye(core.shape[0], dtype=F64)
+    return q @ core @ torch.linalg.inv(q)
+
+
+def rotation(radius: float, angle: float) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    return radius * torch.tensor([[c, -s], [s, c]], dtype=F64)
+
+
+def scalars(*values: float) -> list[torch.Tensor]:
+    return [torch.tensor([[v]], dtype=F64) for v in values]
+
+
+CASES = {
+    "real, non-normal": scalars(0.9, -0.5, 0.3, 0.1, 0.05, -0.2),
+    "complex pair": [rotation(0.8, 1.0), *scalars(0.5, -0.3, 0.2, 0.1)],
+    "opposite signs": scalars(0.7, -0.7, 0.4, 0.2, -0.1, 0.05),
+    "expansive": [rotation(1.3, 2.0), *scalars(1.1, 0.9, -0.4, 0.3)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_linear_maps_of_known_spectrum(case):
+    matrix = with_eigenvalues(CASES[case])
+    rho = torch.linalg.eigvals(matrix).abs().max()
+    f = Linear(matrix)
+    scales = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
+    x = torch.randn(3, matrix.shape[0], dtype=F64)
+    x[:, 0] = scales
+    z = torch.randn(3, matrix.shape[0], dtype=F64)
+    got = rk.spectral_radius(f, z, x)
+    want = scales * rho
+    error = ((got - want).abs() / want).max().item()
+    assert error < 1e-12, f"{case}: estimates {got.tolist()} against {want.tolist()} ({error:.2e} off)"
+
+
+@pytest.mark.parametrize("block", ["tanh", "residual"])
+def test_the_tests_blocks_at_their_solutions(block):
+    """At the solution of the layer (the iteration's z after its steps), against the dense
+    Jacobian: a contractive tanh block under 1 (its next eigenvalues are well below the top),
+    the residual block at 1 or above (a cluster of eigenvalues just above 1 converges slowly)."""
+    torch.manual_seed(0)
+    f = (TanhBlock(16, contraction=0.9) if block == "tanh" else ResidualBlock(16)).double()
+    x = torch.randn(4, 16, dtype=F64)
+    with torch.no_grad():
+        z = rk.ReversibleDEQ(f, beta=0.5, max_steps=16, tol=0.0)(x)
+    got, want = rk.spectral_radius(f, z, x, iters=100), dense_radius(f, z, x)
+    error = ((got - want).abs() / want).max().item()
+    bound = 1e-9 if block == "tanh" else 1e-2
+    assert error < bound, f"{block}: estimates {got.tolist()} against the dense {want.tolist()} ({error:.2e} off)"
+    assert (want < 0.9 + 1e-12).all() if block == "tanh" else (want >= 0.99).all(), want.tolist()
+
+
+def test_a_layer_with_context_and_tuple_states():
+    """The layer in place of its block, context keywords bound, a state of two tensors: the
+    Jacobian of the packed state."""
+    torch.manual_seed(0)
+
+    class TwoResolutions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fine, self.coarse = nn.Linear(3, 3), nn.Linear(5, 5)
+
+        def forward(self, z, x, gain):
+            return (torch.tanh(gain * self.fine(z[0]) + x[0]),
+                    torch.tanh(gain * self.coarse(z[1]) + x[1] + z[0].mean(1, keepdim=True)))
+
+    f = TwoResolutions().double()
+    layer = rk.DEQ(f, solver="anderson", adjoint="unrolled", max_steps=20, tol=0.0)
+    x = (torch.randn(2, 3, dtype=F64), torch.randn(2, 5, dtype=F64))
+    gain = torch.tensor(0.7, dtype=F64)
+    with torch.no_grad():
+        z = layer(x, gain=gain)
+    got = rk.spectral_radius(layer, z, x, iters=100, gain=gain)
+
+    def packed(state, x_packed):
+        out = f((state[:, :3], state[:, 3:]), (x_packed[:, :3], x_packed[:, 3:]), gain)
+        return torch.cat(out, dim=1)
+
+    want = dense_radius(packed, torch.cat(z, dim=1), torch.cat(x, dim=1))
+    assert torch.allclose(got, want, rtol=1e-3), (got.tolist(), want.tolist())
+
+
+class Normalised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, z, x):
+        return torch.tanh(self.norm(self.linear(z)) + x)
+
+
+def test_nothing_is_left_changed():
+    """Running statistics, the global RNG and the parameters' gradients are as before; the
+    result repeats."""
+    torch.manual_seed(0)
+    f = Normalised().double()
+    z, x = torch.randn(5, 8, dtype=F64), torch.randn(5, 8, dtype=F64)
+    stats = f.norm.running_mean.clone()
+    state = torch.get_rng_state()
+    first, second = rk.spectral_radius(f, z, x), rk.spectral_radius(f, z, x)
+    assert torch.equal(first, second), "two calls with the same seed differ"
+    assert torch.equal(f.norm.running_mean, stats), "BatchNorm's running mean moved"
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was drawn from"
+    assert all(p.grad is None for p in f.parameters()), "a gradient was accumulated"
+
+
+def test_a_nonfinite_sample_is_nan_and_the_others_are_not():
+    f = Linear(with_eigenvalues(CASES["real, non-normal"]))
+    x = torch.ones(2, 6, dtype=F64)
+    x[1, 0] = float("inf")
+    got = rk.spectral_radius(f, torch.randn(2, 6, dtype=F64), x)
+    assert math.isclose(got[0].item(), 0.9, rel_tol=1e-6) and math.isnan(got[1].item()), got.tolist()
+
+
+@pytest.mark.parametrize("option, match", [(dict(iters=0), "iters must be an int >= 1, got 0"),
+                                           (dict(iters=True), "iters must be an int >= 1, got True"),
+                                           (dict(vectors=2.0), "vectors must be an int >= 1, got 2.0")])
+def test_bad_settings_are_named(option, match):
+    with pytest.raises(ValueError, match=match):
+        rk.spectral_radius(TanhBlock(4), torch.zeros(2, 4), torch.zeros(2, 4), **option)
+
+
+def test_an_f_of_another_shape_is_named():
+    with pytest.raises(ValueError, match=r"f returned \(2, 3\) for z of shape \(2, 4\); spectral_radius needs"):
+        rk.spectral_radius(lambda z, x: z[:, :3], torch.zeros(2, 4), torch.zeros(2, 4))
