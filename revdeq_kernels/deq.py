@@ -155,10 +155,11 @@ class DEQ(nn.Module):
                                       s.backward_tol, self.last_adjoint_stats)
         else:
             adjoint = PhantomAdjoint(s.phantom_steps, s.phantom_beta)
+        versions = problem.parameter_versions()  # f may not change them until the backward
         with torch.no_grad():
             states = self._solve_without_graph(problem, x, start, keep)
         # z*, or each state of keep, gets the adjoint's backward from where it stands
-        return [AtEquilibriumFunction.apply(problem, partial(_given, state), adjoint, x, *params)
+        return [AtEquilibriumFunction.apply(problem, versions, partial(_given, state), adjoint, x, *params)
                 for state in states]
 
     def _solve_without_graph(self, problem, x: Tensor, start: Tensor, keep: tuple[int, ...] = ()) -> list[Tensor]:

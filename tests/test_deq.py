@@ -269,3 +269,27 @@ def test_settings_fill_the_defaults_of_the_choice_and_leave_the_rest_none():
     assert (s.max_steps, s.beta, s.backward_solver, s.backward_beta) == (8, 0.8, "fixed_point", 1.0)
     own = rk.DEQ(contractive(), solver="reversible", adjoint="reversible", beta=0.6).settings.reversible_solve()
     assert own == rk.SolveSettings(beta=0.6, max_steps=8, tol=1e-3)
+
+
+class DriftingBlock(torch.nn.Module):
+    """Adds to its own bias on every call: each solver step evaluates another f."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, z, x):
+        with torch.no_grad():
+            self.lin.bias.add_(1e-3)
+        return torch.tanh(self.lin(z) + x)
+
+
+@pytest.mark.parametrize("adjoint, states_at", [("implicit", None), ("phantom", None), ("phantom", (2, 5))])
+def test_an_f_that_changes_its_parameters_while_solving_is_refused(adjoint, states_at):
+    """The parameters' versions are taken before the solve, so the backward refuses an f that
+    changed them during it, as it refuses an optimizer step between forward and backward."""
+    x = torch.randn(2, 4, requires_grad=True)
+    out = rk.DEQ(DriftingBlock(), solver="anderson", adjoint=adjoint, max_steps=5, tol=0)(x, states_at=states_at)
+    loss = sum(s.sum() for s in out) if states_at else out.sum()
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: 1 of f's .*lin\.bias \(4,\)"):
+        loss.backward()

@@ -26,14 +26,15 @@ def vjps_or_zeros(out: Tensor, inputs: list[Tensor], cotangent: Tensor, retain_g
 
 
 class AtEquilibriumFunction(torch.autograd.Function):
-    """forward(problem, solved, adjoint, x, *params) -> z*, where ``solved()`` returns z*, found
-    without a graph (or a state on the way there: ``states_at``). z* is handed over by a
-    callable, not as an input: autograd makes an input returned unchanged a view, which then
-    refuses in-place updates."""
+    """forward(problem, versions, solved, adjoint, x, *params) -> z*, where ``solved()``
+    returns z*, found without a graph (or a state on the way there: ``states_at``), and
+    ``versions`` are the parameters' version counters from before that solve. z* is handed
+    over by a callable, not as an input: autograd makes an input returned unchanged a view,
+    which then refuses in-place updates."""
 
     @staticmethod
-    def forward(ctx, problem, solved, adjoint, x, *params):
-        ctx.parameter_versions = problem.parameter_versions()
+    def forward(ctx, problem, versions, solved, adjoint, x, *params):
+        ctx.parameter_versions = versions
         z = solved()
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.save_for_backward(x, z)
@@ -46,7 +47,7 @@ class AtEquilibriumFunction(torch.autograd.Function):
         problem.check_parameters_unchanged(ctx.parameter_versions)
         x, z = ctx.saved_tensors
         params = problem.params
-        needs_x = ctx.needs_input_grad[3]
+        needs_x = ctx.needs_input_grad[4]
         with torch.enable_grad(), problem.autocast_context(), BufferSnapshot(problem.f):
             x_in = x.detach().requires_grad_(needs_x)
             out, cotangent = ctx.adjoint.backward_output(problem, z, x_in, grad_z)
@@ -54,4 +55,4 @@ class AtEquilibriumFunction(torch.autograd.Function):
                                   retain_graph=False)
         grad_x = grads.pop(0) if needs_x else None
         grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
-        return (None, None, None, None if grad_x is None else grad_x.to(x.dtype), *grad_params)
+        return (None, None, None, None, None if grad_x is None else grad_x.to(x.dtype), *grad_params)
