@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="name=key:value,...;... (a bare name picks a built-in variant); default: all built-in")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # every run trains and evaluates with threads=1: the header says so
     info = header(torch.device("cpu"))
     print_header(info, f"lm_blocks: config {args.config}, {args.steps} training steps, {args.windows} validation "
                        "windows, perplexity at each solver depth")
