@@ -1,5 +1,6 @@
 """The stop test shared by every solver: per-sample relative residual, the tolerance
-rule, the residual history, and what happens when the state stops being finite."""
+rule, the residual history, and what happens when the state stops being finite; and the
+states a solver keeps for ``states_at``."""
 
 from __future__ import annotations
 
@@ -69,3 +70,18 @@ class ConvergenceMonitor:
         if problem.on_nonfinite == "raise":
             raise FloatingPointError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+class Trajectory:
+    """Keeps z after the steps of ``keep`` as a solver visits them; ``states(z)`` lists them,
+    a step past the stop being the solution z, each state a tensor of its own."""
+
+    def __init__(self, keep: tuple[int, ...], copy: bool):
+        self.keep, self.copy, self.kept = keep, copy, {}
+
+    def visit(self, step: int, state: Tensor) -> None:
+        if step in self.keep:
+            self.kept[step] = state.clone() if self.copy else state
+
+    def states(self, z: Tensor) -> list[Tensor]:
+        return [z.clone() if state is z else state for state in (self.kept.get(k, z) for k in self.keep)]

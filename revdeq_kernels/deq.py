@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .packing import is_several, solve_several
+from .convergence import Trajectory
 from .f_module import attach_f, bind_context, gradient_inputs
 from .problem import eager_under_compile, make_problem
 from .reversal import forward_solve
@@ -167,7 +168,7 @@ class DEQ(nn.Module):
         if self.settings.solver == "reversible":
             z, states = forward_solve(problem, x, start, keep)
             return states if keep else [z]
-        trajectory = _Trajectory(keep, copy=True)  # the fixed-point solve updates its state in place
+        trajectory = Trajectory(keep, copy=True)  # the fixed-point solve updates its state in place
         z = self._iterate(self.settings.solver)(problem, partial(_call_f, problem, x), start.clone(),
                                                 visit=trajectory.visit if keep else None)
         problem.stats.nfe_forward = 1 + problem.stats.steps
@@ -176,7 +177,7 @@ class DEQ(nn.Module):
     def _solve_unrolled(self, problem, x: Tensor, z0: Tensor | None, start: Tensor,
                         keep: tuple[int, ...]) -> list[Tensor]:
         start = start if z0 is None else z0.to(problem.state_dtype)  # keeps the graph to z0
-        trajectory = _Trajectory(keep, copy=False)
+        trajectory = Trajectory(keep, copy=False)
         z = self._iterate(self.settings.solver)(problem, partial(_call_f, problem, x), start, differentiable=True,
                                                 visit=trajectory.visit if keep else None)
         problem.stats.nfe_forward = 1 + problem.stats.steps
@@ -194,18 +195,3 @@ def _call_f(problem, x: Tensor, state: Tensor, index: int) -> Tensor:
 
 def _given(state: Tensor) -> Tensor:
     return state
-
-
-class _Trajectory:
-    """Keeps z after the steps of ``keep`` as a solver visits them; ``states(z)`` lists them,
-    a step past the stop being the solution z, each state a tensor of its own."""
-
-    def __init__(self, keep: tuple[int, ...], copy: bool):
-        self.keep, self.copy, self.kept = keep, copy, {}
-
-    def visit(self, step: int, state: Tensor) -> None:
-        if step in self.keep:
-            self.kept[step] = state.clone() if self.copy else state
-
-    def states(self, z: Tensor) -> list[Tensor]:
-        return [z.clone() if state is z else state for state in (self.kept.get(k, z) for k in self.keep)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .convergence import ConvergenceMonitor
+from .convergence import ConvergenceMonitor, Trajectory
 from .ops.reference import relax, residual_norms
 from .stats import SolverStats
 
@@ -28,7 +28,7 @@ def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
     F = problem.call_f(z, x, 0)
     monitor = ConvergenceMonitor(problem)
     steps = problem.max_steps
-    kept = {}
+    trajectory = Trajectory(keep, copy=False)
     for n in range(problem.max_steps):
         if n > 0:
             with torch.no_grad():
@@ -38,12 +38,10 @@ def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
         y = relax(y, F, b)
         z = relax(z, problem.call_f(y, x, 2 * n + 1), b)
         F = problem.call_f(z, x, 2 * n + 2)
-        if n + 1 in keep:
-            kept[n + 1] = z
+        trajectory.visit(n + 1, z)
     else:
         with torch.no_grad():
             monitor.converged(steps, *residual_norms(z, F))
     monitor.finish(steps)
     problem.stats.nfe_forward = 1 + 2 * steps
-    states = [kept.get(k, z) for k in keep]
-    return z, problem.stats, [state.clone() if state is z else state for state in states]
+    return z, problem.stats, trajectory.states(z)
