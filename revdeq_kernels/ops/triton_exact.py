@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_aliasing, check_exact, check_read
-from .triton_kernels import sum_partials_kernel
+from .triton_kernels import row_tile_of_program, store_row_partials, sum_partials_kernel
 from .triton_launch import (PARTIALS_BLOCK, bucket, check_device, default_configs, device_guard, register, row_tile,
                             tuned)
 
@@ -195,13 +195,8 @@ def exact_row_sums_kernel(
     """exact_relax_ on y, and from the same load of f the float64 partial sums of
     (z * 2**-F - f)^2 and f^2, one per (row, chunk). Programs are laid out as in
     ``triton_kernels.row_sums_kernel``."""
-    program = tl.program_id(0).to(tl.int64)
-    chunk = program % chunks_per_row
-    rows = (program // chunks_per_row) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    chunk_start = chunk * CHUNK
-    chunk_end = tl.minimum(chunk_start + CHUNK, row_len)
-    row_offsets = rows * row_len
+    chunk, rows, row_mask, chunk_start, chunk_end, row_offsets = row_tile_of_program(
+        n_rows, row_len, chunks_per_row, CHUNK, ROWS)
     residual_acc = tl.zeros([ROWS, COLS], dtype=tl.float64)
     f_acc = tl.zeros([ROWS, COLS], dtype=tl.float64)
     code_acc = tl.zeros([ROWS, COLS], dtype=tl.int32)
@@ -223,9 +218,8 @@ def exact_row_sums_kernel(
         code_acc = code_acc | code | _out_of_range(h)
         tl.store(y_ptr + offsets, h, mask=mask)
         tl.store(digits_ptr + offsets, digits, mask=mask)
-    partials = rows * chunks_per_row + chunk
-    tl.store(residual_partials_ptr + partials, tl.sum(residual_acc, axis=1), mask=row_mask)
-    tl.store(f_partials_ptr + partials, tl.sum(f_acc, axis=1), mask=row_mask)
+    store_row_partials(residual_partials_ptr, f_partials_ptr, residual_acc, f_acc, rows, row_mask, chunk,
+                       chunks_per_row)
     _flag(flags_ptr, step, code_acc)
 
 

@@ -93,6 +93,28 @@ def adjoint_kernel(
     tl.store(cotangent_ptr + offsets, _round_into(b * total, cotangent_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def row_tile_of_program(n_rows, row_len, chunks_per_row, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+    """The tile of a row-sums program: ROWS rows from ``rows``, columns [chunk_start,
+    chunk_end) of each; ``row_offsets`` are the rows' first elements."""
+    program = tl.program_id(0).to(tl.int64)
+    chunk = program % chunks_per_row
+    rows = (program // chunks_per_row) * ROWS + tl.arange(0, ROWS)
+    chunk_start = chunk * CHUNK
+    chunk_end = tl.minimum(chunk_start + CHUNK, row_len)
+    return chunk, rows, rows < n_rows, chunk_start, chunk_end, rows * row_len
+
+
+@triton.jit
+def store_row_partials(residual_partials_ptr, f_partials_ptr, residual_acc, f_acc, rows, row_mask, chunk,
+                       chunks_per_row):
+    """Each row's partial sums of its chunk, at [row, chunk] of the (rows, chunks_per_row)
+    partials that ``sum_partials_kernel`` adds up."""
+    partials = rows * chunks_per_row + chunk
+    tl.store(residual_partials_ptr + partials, tl.sum(residual_acc, axis=1), mask=row_mask)
+    tl.store(f_partials_ptr + partials, tl.sum(f_acc, axis=1), mask=row_mask)
+
+
 @triton.jit(do_not_specialize=["tuning_bucket"])
 def row_sums_kernel(
     y_ptr, z_ptr, f_ptr, residual_partials_ptr, f_partials_ptr, n_rows, row_len, chunks_per_row,
@@ -103,13 +125,8 @@ def row_sums_kernel(
     (z - f)^2 and f^2, one per row; with UPDATE also y <- (1-b) y + b f from the same load
     of f. Short rows share a program (ROWS > 1) and a long row spreads over several
     chunks, so neither many tiny rows nor one huge row runs on a handful of programs."""
-    program = tl.program_id(0).to(tl.int64)
-    chunk = program % chunks_per_row
-    rows = (program // chunks_per_row) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    chunk_start = chunk * CHUNK
-    chunk_end = tl.minimum(chunk_start + CHUNK, row_len)
-    row_offsets = rows * row_len
+    chunk, rows, row_mask, chunk_start, chunk_end, row_offsets = row_tile_of_program(
+        n_rows, row_len, chunks_per_row, CHUNK, ROWS)
     residual_acc = tl.zeros([ROWS, COLS], dtype=ACC)
     f_acc = tl.zeros([ROWS, COLS], dtype=ACC)
     b = tl.full([], beta, ACC)
@@ -126,9 +143,8 @@ def row_sums_kernel(
         diff = z - f
         residual_acc += diff * diff
         f_acc += f * f
-    partials = rows * chunks_per_row + chunk
-    tl.store(residual_partials_ptr + partials, tl.sum(residual_acc, axis=1), mask=row_mask)
-    tl.store(f_partials_ptr + partials, tl.sum(f_acc, axis=1), mask=row_mask)
+    store_row_partials(residual_partials_ptr, f_partials_ptr, residual_acc, f_acc, rows, row_mask, chunk,
+                       chunks_per_row)
 
 
 @triton.jit
