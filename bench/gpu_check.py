@@ -13,9 +13,10 @@ One prepared run that proves the CUDA and Triton paths on a lent GPU, in order:
               sizes and misaligned and strided views, per backend (cuda, triton), with the
               caching allocator off so each tensor is its own allocation; skipped with the
               sanitizer's message where it refuses the device
-  3. ops      bench/ops_suite.py at 64M and 256M elements (well past the 60 MB L2): every op x
-              dtype mix x backend (cuda, triton, eager, torch.compile), CUDA-event medians,
-              GB/s and the fractions of the same-run roofline and device copy
+  3. ops      bench/ops_suite.py at 64M and 256M elements (well past the L2: 50 MB on an
+              H100, 60 MB on an H200): every op x dtype mix x backend (cuda, triton, eager,
+              torch.compile), CUDA-event medians, GB/s and the fractions of the same-run
+              roofline and device copy
   4. e2e      bench/e2e_suite.py with the LM's block at width 768, 12 heads, batch 8 x seq
               448, bf16 autocast with float32 states, N = 2, 4, 8, 16: step time and
               max_memory_allocated per method

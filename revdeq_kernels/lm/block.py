@@ -10,7 +10,7 @@ mlp_ratio * d):
     anchored  h = x + Attn(LN1(z + x)); h + MLP(LN2(h))                  stream restarts from x
     direct    h = Attn(LN1(z + x)); h + MLP(LN2(h))                      f(0, x) = one explicit layer
 
-The README's "A block with an equilibrium" gives what each one measured.
+docs/lm.md, "Which block has an equilibrium", gives what each one measured.
 
 Dropout is plain ``nn.Dropout``: the core reseeds every evaluation of f, so its reverse
 pass replays each evaluation's mask exactly.

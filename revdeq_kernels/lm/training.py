@@ -235,7 +235,7 @@ class Trainer:
         """The last ``tail_fraction`` of a DEQ's run, counted in steps or, under a time budget,
         in training time (whichever comes first), solves at ``tail_max_steps``. A model trained
         at one depth uses that depth's transient; ending where the solve has nearly converged
-        leaves little transient to use (measured: README, "Why training ends deep")."""
+        leaves little transient to use (measured: docs/lm.md, "Why training ends deep")."""
         cfg = self.cfg
         if not (cfg.tail_fraction and self.model.is_deq):
             return contextlib.nullcontext()
