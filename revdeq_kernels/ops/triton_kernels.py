@@ -95,8 +95,8 @@ def adjoint_kernel(
 
 @triton.jit
 def row_tile_of_program(n_rows, row_len, chunks_per_row, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-    """The tile of a row-sums program: ROWS rows from ``rows``, columns [chunk_start,
-    chunk_end) of each; ``row_offsets`` are the rows' first elements."""
+    """The tile of a row-sums program: the ROWS rows ``rows`` (``row_mask``: those below
+    n_rows), columns [chunk_start, chunk_end) of each, ``row_offsets`` their first elements."""
     program = tl.program_id(0).to(tl.int64)
     chunk = program % chunks_per_row
     rows = (program // chunks_per_row) * ROWS + tl.arange(0, ROWS)
