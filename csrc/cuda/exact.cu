@@ -4,7 +4,8 @@
 // Design
 // - Bits: state, digits and flags must equal the reference's bit for bit, so all of the
 //   element math lives in exact_math.cuh as __host__ __device__ code that is checked
-//   against a reimplementation of the reference off the GPU; this file only moves memory.
+//   against the reference off the GPU (tests/test_cuda_exact_math.py); this file only moves
+//   memory.
 // - Cost: an element moves 40-48 bytes but needs two 64-bit floor divisions by d and |n|.
 //   A 64-bit division by a runtime value is a long software routine on the GPU, which would
 //   make the kernels compute-bound, so every divisor is a type (exact_math::with_divisors): the six
