@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -27,6 +30,22 @@ def bench_module(name: str):
         return module
     finally:
         sys.path.remove(str(BENCH))
+
+
+def build_host_program(source: Path, out_dir: Path) -> Path:
+    """Compiles a host driver of the CUDA kernels' host-and-device headers (tests/*_host.cpp)
+    with the C++ compiler, with the UB sanitizer where the toolchain has its runtime; skips
+    the test without a compiler. A driver run without arguments exits with 2 (its usage)."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip(f"no C++ compiler on PATH to build tests/{source.name}")
+    exe = out_dir / source.stem
+    base = [cxx, "-std=c++20", "-O2", "-Wall", "-Werror", str(source), "-o", str(exe)]
+    for command in (base + ["-fsanitize=undefined", "-fno-sanitize-recover=all"], base):
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode == 0 and subprocess.run([str(exe)], capture_output=True).returncode == 2:
+            return exe
+    raise AssertionError(f"tests/{source.name} does not build with {cxx}:\n{built.stderr[-3000:]}")
 
 
 def devices() -> list[str]:

@@ -11,7 +11,6 @@ each the documented equivalent of the host line beside it."""
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from revdeq_kernels.ops import reference
+from tests.helpers import build_host_program
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "exact_math_host.cpp"
@@ -33,23 +33,9 @@ RATIOS = [(1, 2), (1, 4), (3, 4), (1, 5), (4, 5), (1, 10), (1, 8), (1, 64), (3, 
 FRAC_BITS = [16, 32, 48]
 
 
-def _compile(out_dir: Path) -> Path:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH to build tests/exact_math_host.cpp")
-    exe = out_dir / "exact_math_host"
-    base = [cxx, "-std=c++20", "-O2", "-Wall", "-Werror", str(DRIVER), "-o", str(exe)]
-    sanitized = base + ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
-    for command in (sanitized, base):  # not every toolchain ships the UB sanitizer's runtime
-        built = subprocess.run(command, capture_output=True, text=True)
-        if built.returncode == 0 and subprocess.run([str(exe)], capture_output=True).returncode == 2:
-            return exe
-    raise AssertionError(f"tests/exact_math_host.cpp does not build with {cxx}:\n{built.stderr[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    return _compile(tmp_path_factory.mktemp("exact_math_host"))
+    return build_host_program(DRIVER, tmp_path_factory.mktemp("exact_math_host"))
 
 
 def run_driver(driver: Path, tmp: Path, records: np.ndarray, numerator: int, denominator: int, frac_bits: int,

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels.cuh"
+#include "row_tasks.cuh"
 
 namespace revdeq::cuda {
 namespace {
@@ -24,8 +25,6 @@ template <typename... Ts>
 constexpr int kVec = static_cast<int>(16 / std::min({sizeof(Ts)...}));
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // N elements moved as 16-byte accesses; N * sizeof(T) is 16, 32 or 64 bytes.
 template <typename T, int N>
@@ -78,6 +77,20 @@ __device__ __forceinline__ void team_sum(double& a, double& b, int team,
       }
     }
     __syncthreads();  // shared is rewritten by the next call
+  }
+}
+
+// A task's sums, from lane 0 of its team: to out_*[task] when its row is one task
+// (partial == nullptr), else to partial[2 task], partial[2 task + 1] for finish_sums_kernel.
+template <typename out_t>
+__device__ __forceinline__ void write_task_sums(int64_t task, double res, double sq_f, out_t* out_res,
+                                                out_t* out_f, double* partial) {
+  if (partial == nullptr) {
+    out_res[task] = static_cast<out_t>(res);
+    out_f[task] = static_cast<out_t>(sq_f);
+  } else {
+    partial[2 * task] = res;
+    partial[2 * task + 1] = sq_f;
   }
 }
 

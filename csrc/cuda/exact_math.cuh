@@ -20,11 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define REVDEQ_HD __host__ __device__ __forceinline__
-#else
-#define REVDEQ_HD inline
-#endif
+#include "host_device.cuh"
 
 namespace revdeq::cuda::exact_math {
 

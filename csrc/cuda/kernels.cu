@@ -117,13 +117,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t task = base + threadIdx.x / team;
     double res = 0.0, sq_f = 0.0;
     if (task < tasks) {
-      const int64_t row = task / chunks;
-      const int64_t begin = row * cols + (task - row * chunks) * task_len;
-      const int64_t end = min64(begin + task_len, (row + 1) * cols);
-      // [begin, head): scalar up to the first vector boundary; [head, body): whole
-      // vectors; [body, end): scalar tail. Misaligned pointers: all scalar.
-      const int64_t head = vectorized ? min64(end, (begin + V - 1) / V * V) : end;
-      const int64_t body = head + (end - head) / V * V;
+      const auto [begin, head, body, end] =
+          row_tasks::task_span(task, cols, chunks, task_len, vectorized, V);
       for (int64_t i = begin + lane; i < head; i += team) {
         add_element(i, res, sq_f);
       }
@@ -156,13 +151,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     team_sum(res, sq_f, team, shared);
     if (task < tasks && lane == 0) {
-      if (partial == nullptr) {
-        out_res[task] = static_cast<acc_t>(res);
-        out_f[task] = static_cast<acc_t>(sq_f);
-      } else {
-        partial[2 * task] = res;
-        partial[2 * task + 1] = sq_f;
-      }
+      write_task_sums(task, res, sq_f, out_res, out_f, partial);
     }
   }
 }
