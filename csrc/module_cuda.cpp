@@ -30,37 +30,19 @@ Launch current_launch(const c10::cuda::CUDAGuard& guard) {
   return {c10::cuda::getCurrentCUDAStream(device).stream(), sms * threads_per_sm};
 }
 
+// The guard comes first among the Context's bases: it is in place before the launch is read.
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& first) : guard(first.device()) {}
+  const c10::cuda::CUDAGuard guard;
+};
+
 struct CudaDevice {
   static constexpr c10::DeviceType kType = c10::DeviceType::CUDA;
   // Guards the first tensor's device for the op's lifetime, so copies of strided inputs and
   // the launches land there, on its current stream.
-  class Context {
-   public:
-    explicit Context(const at::Tensor& first) : guard_(first.device()), launch_(current_launch(guard_)) {}
-    void relax(const at::Tensor& state, const at::Tensor& f, double beta, bool inverse) const {
-      cuda::relax(state, f, beta, inverse, launch_);
-    }
-    void residual(const at::Tensor& y, const at::Tensor& z, const at::Tensor& f, double beta,
-                  const at::Tensor& sq_res, const at::Tensor& sq_f) const {
-      cuda::residual(y, z, f, beta, sq_res, sq_f, launch_);
-    }
-    void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& cotangent,
-                 double beta, bool scale_after) const {
-      cuda::adjoint(grad, vjp, cotangent, beta, scale_after, launch_);
-    }
-    void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& f,
-               const at::Tensor& flags, const ExactParams& params, bool inverse) const {
-      cuda::exact(state, digits, f, flags, params, inverse, launch_);
-    }
-    void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
-                        const at::Tensor& f, const at::Tensor& flags, const ExactParams& params,
-                        const at::Tensor& sq_res, const at::Tensor& sq_f) const {
-      cuda::exact_residual(y, digits, z, f, flags, params, sq_res, sq_f, launch_);
-    }
-
-   private:
-    const c10::cuda::CUDAGuard guard_;
-    const Launch launch_;
+  struct Context : private DeviceGuard, public LaunchedKernels {
+    explicit Context(const at::Tensor& first)
+        : DeviceGuard(first), LaunchedKernels(current_launch(guard)) {}
   };
 };
 

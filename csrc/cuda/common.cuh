@@ -1,10 +1,13 @@
 // Pieces shared by the CUDA kernels of kernels.cu and exact.cu: block shape, 16-byte vector
 // access, the deterministic team reduction of per-sample sums and its second pass, grid
-// sizing, dtype dispatch. (kernels.cu's design comment explains the choices.) Internal
-// linkage on purpose: each translation unit gets its own copy of every kernel below.
+// sizing, the launch, dtype dispatch. (kernels.cu's design comment explains the choices.)
+// Internal linkage on purpose: each translation unit gets its own copy of every kernel below.
 #pragma once
 
 #include <ATen/Dispatch.h>
+#if defined(__CUDACC__)
+#include <c10/cuda/CUDAException.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -121,6 +124,19 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 inline int grid_for(int64_t blocks, const Launch& launch) {
   const int64_t wave = std::max(1, launch.resident_threads / kThreads);
   return static_cast<int>(std::clamp<int64_t>(blocks, 1, wave));
+}
+
+// Runs kernel on `grid` blocks of kThreads threads on the launch's stream, and checks the
+// launch. Built by the host compiler instead of nvcc (tests/cuda_emulation), the kernel runs
+// on the host: the test harness defines cuda_emulation::launch.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int grid, const Launch& launch, Args... args) {
+#if defined(__CUDACC__)
+  kernel<<<grid, kThreads, 0, launch.stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  cuda_emulation::launch(kernel, grid, kThreads, args...);
+#endif
 }
 
 // The smallest power of two >= the task's vector count, at most a block.

@@ -24,7 +24,6 @@
 //   kernel, no atomics, so the sums depend on the shapes and alignment only.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -184,13 +183,12 @@ void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& 
       using DivD = decltype(dd);
       using DivAn = decltype(dan);
       if (inverse) {
-        exact_kernel<true, DivD, DivAn, f_t>
-            <<<grid, kThreads, 0, launch.stream>>>(h, b, f, n, vectorized, args, flag);
+        launch_kernel(exact_kernel<true, DivD, DivAn, f_t>, grid, launch, h, b, f, n, vectorized,
+                      args, flag);
       } else {
-        exact_kernel<false, DivD, DivAn, f_t>
-            <<<grid, kThreads, 0, launch.stream>>>(h, b, f, n, vectorized, args, flag);
+        launch_kernel(exact_kernel<false, DivD, DivAn, f_t>, grid, launch, h, b, f, n, vectorized,
+                      args, flag);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -227,15 +225,13 @@ void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Ten
     em::with_divisors(magnitude(params.numerator), params.denominator, [&](auto dd, auto dan) {
       using DivD = decltype(dd);
       using DivAn = decltype(dan);
-      exact_residual_kernel<DivD, DivAn, f_t><<<grid, kThreads, 0, launch.stream>>>(
-          yp, b, zp, fp, rows, cols, chunks, team, vectorized, args, flag, res, sqf, partial_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(exact_residual_kernel<DivD, DivAn, f_t>, grid, launch, yp, b, zp, fp, rows, cols,
+                    chunks, team, vectorized, args, flag, res, sqf, partial_ptr);
     });
   });
   if (chunks > 1) {
-    finish_sums_kernel<double><<<grid_for(rows, launch), kThreads, 0, launch.stream>>>(
-        partial_ptr, rows, chunks, res, sqf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(finish_sums_kernel<double>, grid_for(rows, launch), launch, partial_ptr, rows,
+                  chunks, res, sqf);
   }
 }
 

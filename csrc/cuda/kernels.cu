@@ -24,7 +24,6 @@
 //   never on the grid or the GPU, and repeat bit for bit.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -211,13 +210,12 @@ void relax(const at::Tensor& state, const at::Tensor& f_out, double beta, bool i
       const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
       const auto b = static_cast<acc_t>(beta);
       if (inverse) {
-        relax_kernel<true, state_t, f_t>
-            <<<grid, kThreads, 0, launch.stream>>>(s, f, n, vectorized, one_minus_b, b);
+        launch_kernel(relax_kernel<true, state_t, f_t>, grid, launch, s, f, n, vectorized,
+                      one_minus_b, b);
       } else {
-        relax_kernel<false, state_t, f_t>
-            <<<grid, kThreads, 0, launch.stream>>>(s, f, n, vectorized, one_minus_b, b);
+        launch_kernel(relax_kernel<false, state_t, f_t>, grid, launch, s, f, n, vectorized,
+                      one_minus_b, b);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -252,23 +250,18 @@ void residual(const at::Tensor& y, const at::Tensor& z, const at::Tensor& f_out,
       const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
       const auto b = static_cast<acc_t>(beta);
       if (y.defined()) {
-        residual_kernel<true, state_t, f_t><<<grid, kThreads, 0, launch.stream>>>(
-            yp, zp, fp, rows, cols, chunks, team, vectorized, one_minus_b, b, res, sqf,
-            partial_ptr);
+        launch_kernel(residual_kernel<true, state_t, f_t>, grid, launch, yp, zp, fp, rows, cols,
+                      chunks, team, vectorized, one_minus_b, b, res, sqf, partial_ptr);
       } else {
-        residual_kernel<false, state_t, f_t><<<grid, kThreads, 0, launch.stream>>>(
-            nullptr, zp, fp, rows, cols, chunks, team, vectorized, one_minus_b, b, res, sqf,
-            partial_ptr);
+        launch_kernel(residual_kernel<false, state_t, f_t>, grid, launch, nullptr, zp, fp, rows,
+                      cols, chunks, team, vectorized, one_minus_b, b, res, sqf, partial_ptr);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   if (chunks > 1) {
     AT_DISPATCH_FLOATING_TYPES(sq_res.scalar_type(), "revdeq_residual_cuda_finish", [&] {
-      finish_sums_kernel<scalar_t><<<grid_for(rows, launch), kThreads, 0, launch.stream>>>(
-          partial_ptr, rows, chunks, sq_res.mutable_data_ptr<scalar_t>(),
-          sq_f.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(finish_sums_kernel<scalar_t>, grid_for(rows, launch), launch, partial_ptr, rows,
+                    chunks, sq_res.mutable_data_ptr<scalar_t>(), sq_f.mutable_data_ptr<scalar_t>());
     });
   }
 }
@@ -294,10 +287,9 @@ void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& co
         const int grid = grid_for(ceil_div(vectorized ? ceil_div(n, V) : n, kThreads), launch);
         const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
         const auto one = static_cast<acc_t>(1);
-        adjoint_kernel<grad_t, vjp_t, cot_t><<<grid, kThreads, 0, launch.stream>>>(
-            g, v, c, n, vectorized, scale_after ? one : one_minus_b,
-            scale_after ? one_minus_b : one, static_cast<acc_t>(beta));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(adjoint_kernel<grad_t, vjp_t, cot_t>, grid, launch, g, v, c, n, vectorized,
+                      scale_after ? one : one_minus_b, scale_after ? one_minus_b : one,
+                      static_cast<acc_t>(beta));
       });
     });
   });

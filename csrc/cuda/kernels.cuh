@@ -45,4 +45,34 @@ void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Ten
                     const at::Tensor& f_out, const at::Tensor& flags, const ExactParams& params,
                     const at::Tensor& sq_res, const at::Tensor& sq_f, const Launch& launch);
 
+// The five launchers on one Launch, as host_ops.h's register_ops calls them: the Context of
+// module_cuda.cpp (with its device guard) and of the host emulation in tests/cuda_emulation.
+class LaunchedKernels {
+ public:
+  explicit LaunchedKernels(const Launch& launch) : launch_(launch) {}
+  void relax(const at::Tensor& state, const at::Tensor& f, double beta, bool inverse) const {
+    cuda::relax(state, f, beta, inverse, launch_);
+  }
+  void residual(const at::Tensor& y, const at::Tensor& z, const at::Tensor& f, double beta,
+                const at::Tensor& sq_res, const at::Tensor& sq_f) const {
+    cuda::residual(y, z, f, beta, sq_res, sq_f, launch_);
+  }
+  void adjoint(const at::Tensor& grad, const at::Tensor& vjp, const at::Tensor& cotangent,
+               double beta, bool scale_after) const {
+    cuda::adjoint(grad, vjp, cotangent, beta, scale_after, launch_);
+  }
+  void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& f,
+             const at::Tensor& flags, const ExactParams& params, bool inverse) const {
+    cuda::exact(state, digits, f, flags, params, inverse, launch_);
+  }
+  void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
+                      const at::Tensor& f, const at::Tensor& flags, const ExactParams& params,
+                      const at::Tensor& sq_res, const at::Tensor& sq_f) const {
+    cuda::exact_residual(y, digits, z, f, flags, params, sq_res, sq_f, launch_);
+  }
+
+ private:
+  const Launch launch_;
+};
+
 }  // namespace revdeq::cuda
