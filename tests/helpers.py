@@ -151,6 +151,21 @@ class ResidualBlock(nn.Module):
         return z + self.scale * self.mlp(self.norm(z + self.inject(x)))
 
 
+def misaligned_copy(t: torch.Tensor, misaligned: bool = True) -> torch.Tensor:
+    """A contiguous copy of t; misaligned makes it a view one element into a larger buffer, so
+    its data pointer is not 16-byte aligned and vector kernels must take their scalar paths."""
+    offset = 1 if misaligned else 0
+    buffer = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buffer[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as integers, for assert_equal_bits on floats (NaN equals NaN, -0.0 is not 0.0)."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
+
+
 def assert_equal_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bitwise equality of two integer tensors, naming the first differing element."""
     if actual.shape != expected.shape:

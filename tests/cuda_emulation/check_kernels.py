@@ -23,7 +23,7 @@ import torch
 from revdeq_kernels import fixed_point as fp
 from revdeq_kernels import ops
 from revdeq_kernels.ops import reference
-from tests.helpers import assert_close, assert_equal_bits
+from tests.helpers import assert_close, assert_equal_bits, bits, misaligned_copy
 
 if getattr(sys.modules.get("revdeq_kernels._C"), "CPU_ISA", None) != "CUDA-EMULATED":
     pytest.skip("runs only with -p tests.cuda_emulation.plugin", allow_module_level=True)
@@ -38,17 +38,7 @@ FRAC_BITS = 32
 
 def make(shape, dtype, seed, misaligned=False):
     g = torch.Generator().manual_seed(seed)
-    return at_offset(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), misaligned)
-
-
-def at_offset(t, misaligned):
-    """A copy of t; misaligned makes it a view one element into a larger buffer, so its data
-    pointer is not 16-byte aligned and the kernels must take their scalar paths."""
-    offset = 1 if misaligned else 0
-    buffer = torch.empty(t.numel() + offset, dtype=t.dtype)
-    view = buffer[offset:].view(t.shape)
-    view.copy_(t)
-    return view
+    return misaligned_copy(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), misaligned)
 
 
 def on_grids(run):
@@ -61,11 +51,6 @@ def on_grids(run):
     finally:
         os.environ.pop("REVDEQ_EMULATED_RESIDENT_THREADS", None)
     return results
-
-
-def bits(t):
-    """t's bits as integers (NaN equals NaN, -0.0 differs from 0.0)."""
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
 
 
 def assert_same_on_every_grid(results, what):
@@ -86,7 +71,7 @@ def test_float_sums_do_not_depend_on_the_grid(shape, mix, misaligned):
         shape, f_dtype, 3, misaligned == "f")
 
     def run():
-        y = at_offset(y0, misaligned == "y")
+        y = misaligned_copy(y0, misaligned == "y")
         return (y, *ops.relax_residual_(y, z, f, 0.7, backend="cpp"))
 
     results = on_grids(run)
@@ -108,14 +93,14 @@ def test_exact_residual_on_every_grid_is_the_reference(shape, f_dtype, misaligne
     r = fp.beta_ratio(0.8)
     args = (r.numerator, r.denominator, FRAC_BITS)
     y0 = fp.to_fixed(make(shape, torch.float64, 1), FRAC_BITS)
-    z = at_offset(fp.to_fixed(make(shape, torch.float64, 2), FRAC_BITS), misaligned == "z")
+    z = misaligned_copy(fp.to_fixed(make(shape, torch.float64, 2), FRAC_BITS), misaligned == "z")
     f = make(shape, f_dtype, 3, misaligned == "f")
     f[-1, -1] = float("nan")  # a flag to OR in from the last element: the last block's, or a tail's
     digits0 = make(shape, torch.float64, 4).abs().mul(1e6).to(torch.int64)
     flags0 = torch.zeros(2, dtype=torch.int32)
 
     def run():
-        y, digits, flags = at_offset(y0, misaligned == "y"), at_offset(digits0, misaligned == "digits"), flags0.clone()
+        y, digits, flags = misaligned_copy(y0, misaligned == "y"), misaligned_copy(digits0, misaligned == "digits"), flags0.clone()
         sums = ops.exact_relax_residual_(y, digits, z, f, flags, 1, *args, backend="cpp")
         return y, *sums, digits, flags
 
