@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     # file: the fewest cases it must run (a filter that silently selects nothing fails)
     "tests/test_ops.py": 396,
-    "tests/test_exact_ops.py": 29,
+    "tests/test_exact_ops.py": 33,
     "tests/test_ops_contracts.py": 24,
     "tests/cuda_emulation/check_kernels.py": 124,
 }

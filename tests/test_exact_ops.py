@@ -10,7 +10,7 @@ import torch
 from revdeq_kernels import fixed_point as fp
 from revdeq_kernels import ops
 from revdeq_kernels.ops import reference
-from tests.helpers import DTYPE_NAMES, assert_close, assert_equal_bits, backend_device_pairs, pair_id
+from tests.helpers import DTYPE_NAMES, assert_close, assert_equal_bits, backend_device_pairs, misaligned_copy, pair_id
 
 PAIRS = backend_device_pairs()
 BETAS = [0.5, 0.8, 0.25, 0.75, 1.2]
@@ -183,3 +183,33 @@ def test_compile_fullgraph(pair):
     assert_close(got, expected, 1e-12, f"compiled residual [{backend}]")
     for a, b, name in zip(state, eager, ("y", "digits", "z")):
         assert_equal_bits(a, b, f"compiled in-place {name} [{backend}]")
+
+
+@pytest.mark.parametrize("misaligned", ["y", "digits", "z", "f"])
+def test_one_misaligned_tensor_among_aligned_ones(pair, misaligned):
+    """One tensor an element into its buffer, the others 16-byte aligned: the reference's bits
+    (a kernel that tests some pointers only would take a vector path on that one)."""
+    backend, device = pair
+    args = ratio_args(0.8)
+    shape = (3, 333)
+    y0 = fp.to_fixed(make(shape, torch.float64, device, 1), FRAC_BITS)
+    z = misaligned_copy(fp.to_fixed(make(shape, torch.float64, device, 2), FRAC_BITS), misaligned == "z")
+    f = misaligned_copy(make(shape, torch.float32, device, 3), misaligned == "f")
+    digits0 = make(shape, torch.float64, device, 4).abs().mul(1e6).to(torch.int64)
+    flags = torch.zeros(2, dtype=torch.int32, device=device)
+    y, digits = misaligned_copy(y0, misaligned == "y"), misaligned_copy(digits0, misaligned == "digits")
+    sums = ops.exact_relax_residual_(y, digits, z, f, flags, 1, *args, backend=backend)
+    y_ref, digits_ref = y0.clone(), digits0.clone()
+    expected = reference.exact_relax_residual_(y_ref, digits_ref, z, f, flags.clone(), 1, *args)
+    assert_equal_bits(y, y_ref, f"exact_relax_residual_ y, {misaligned} misaligned [{backend}]")
+    assert_equal_bits(digits, digits_ref, f"exact_relax_residual_ digits, {misaligned} misaligned [{backend}]")
+    for got, want, name in zip(sums, expected, ("sum (z - f)^2", "sum f^2")):
+        assert_close(got, want, 1e-12 * want.abs() + 1e-300, f"{name}, {misaligned} misaligned [{backend}]")
+    if misaligned != "z":  # exact_relax_ has no z
+        h = misaligned_copy(y0, misaligned == "y")
+        planes = misaligned_copy(digits0, misaligned == "digits")
+        ops.exact_relax_(h, planes, f, flags, 0, *args, backend=backend)
+        h_ref, planes_ref = y0.clone(), digits0.clone()
+        reference.exact_relax_(h_ref, planes_ref, f, flags.clone(), 0, *args)
+        assert_equal_bits(h, h_ref, f"exact_relax_ state, {misaligned} misaligned [{backend}]")
+        assert_equal_bits(planes, planes_ref, f"exact_relax_ digits, {misaligned} misaligned [{backend}]")
