@@ -225,23 +225,25 @@ def copy_gbps(n: int, device, repeats: int) -> float:
     return 2 * n * a.element_size() / seconds / 1e9
 
 
+def yardstick_gbps(kind: str, n: int, dtype: torch.dtype, device, repeats: int) -> float:
+    """GB/s of the yardstick `kind` on n elements of one dtype. Its tensors live only in this
+    call, so each dtype's are freed before the next one's are allocated."""
+    a, b, c = (torch.randn(n, device=device).to(dtype) for _ in range(3))
+    saved = a.clone()
+    reset = (lambda: a.copy_(saved)) if kind in ("add_", "addcmul_") else (lambda: None)
+    fn, streams = {
+        "add_": (lambda: a.add_(b), 3),
+        "addcmul_": (lambda: a.addcmul_(b, c), 4),
+        "add_out": (lambda: torch.add(a, b, out=c), 3),
+        "dot": (lambda: torch.dot(a, b) if dtype in (torch.float32, torch.float64) else (a * b).sum(), 2),
+    }[kind]
+    seconds = median_seconds(fn, reset, device, repeats)
+    return streams * n * a.element_size() / seconds / 1e9
+
+
 def roofline_gbps(kind: str, n: int, dtypes: set[torch.dtype], device, repeats: int) -> float:
     """Best GB/s of the yardstick `kind` over the op's dtypes, same size, same run."""
-    best = 0.0
-    for dtype in dtypes:
-        a, b, c = (torch.randn(n, device=device).to(dtype) for _ in range(3))
-        saved = a.clone()
-        reset = (lambda: a.copy_(saved)) if kind in ("add_", "addcmul_") else (lambda: None)
-        fn, streams = {
-            "add_": (lambda: a.add_(b), 3),
-            "addcmul_": (lambda: a.addcmul_(b, c), 4),
-            "add_out": (lambda: torch.add(a, b, out=c), 3),
-            "dot": (lambda: torch.dot(a, b) if dtype in (torch.float32, torch.float64) else (a * b).sum(), 2),
-        }[kind]
-        seconds = median_seconds(fn, reset, device, repeats)
-        best = max(best, streams * n * a.element_size() / seconds / 1e9)
-        del a, b, c, saved
-    return best
+    return max(yardstick_gbps(kind, n, dtype, device, repeats) for dtype in dtypes)
 
 
 def default_backends(device: torch.device) -> list[str]:
@@ -352,7 +354,7 @@ def run(args) -> int:
                     print(f"| {op_name} | {shown_mix} | {n:,} | {backend} | {row['ms']:.3f} | {gbps:.1f} | "
                           f"{roof:.1f} | {row['of_roofline']:.2f} | {row['of_copy']:.2f} | {row['vs_eager']:.2f}x |",
                           flush=True)
-                del case
+                case = None  # frees this op's tensors before the next op allocates its own
         if args.json:  # after every size, so that a run cut short keeps what it measured
             write_json(args.json, {"header": info, "beta": BETA, "rows_per_batch": args.rows, "results": rows})
     return 0
