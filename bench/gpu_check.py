@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,8 @@ class Check:
         self.stages: list[Stage] = []
         self.targets: list[dict] = []
         self.scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        # removed also when a run stops early (an exception, Ctrl-C, a caller that never finishes)
+        self._remove_scratch = weakref.finalize(self, shutil.rmtree, self.scratch, ignore_errors=True)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         if self.smoke:
@@ -350,7 +353,7 @@ class Check:
                        stages=[asdict(s) for s in self.stages], targets=self.targets)
         write_json(str(self.out / "gpu_check.json"), payload)
         self.log.close()
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        self._remove_scratch()
         return 0 if ok else 1
 
 

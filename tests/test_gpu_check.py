@@ -3,6 +3,7 @@ script cannot rot before a GPU is lent), and the pieces that decide pass or fail
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -89,6 +90,19 @@ def test_a_stage_past_its_limit_is_killed_with_its_children(tmp_path):
     stage, text = check.run("sleeps", [sys.executable, "-c", child], 3)
     assert stage.status == "timeout" and "started" in text, (stage, text)
     assert time.monotonic() - start < 20, f"the stage took {time.monotonic() - start:.0f} s to stop"
+
+
+def test_the_scratch_folder_goes_with_a_check_that_never_finishes(tmp_path):
+    """A run cut short (an exception, Ctrl-C, a caller that stops early) leaves no
+    gpu_check_* folder behind in the temporary directory."""
+    _, check = _check(tmp_path)
+    scratch = check.scratch
+    (scratch / "data").mkdir()
+    assert scratch.is_dir()
+    check.log.close()
+    del check
+    gc.collect()
+    assert not scratch.exists(), f"{scratch} outlived its check"
 
 
 def test_a_stage_without_budget_left_is_skipped(tmp_path):
