@@ -26,8 +26,11 @@ class ConvergenceMonitor:
     non-finite step is found once, in ``finish``.
     """
 
-    def __init__(self, problem):
+    def __init__(self, problem, explain=None):
         self.problem = problem
+        # explain(): a solver that knows more (the exact reversal's flags name f as the cause)
+        # raises or warns in its own words and returns True; else the generic report follows
+        self.explain = explain
         self.history: list[Tensor] = []
         self.residual: Tensor | None = None
         self.sq_res: Tensor | None = None
@@ -62,6 +65,8 @@ class ConvergenceMonitor:
         if self.reported:
             return
         self.reported = True
+        if self.explain is not None and self.explain():
+            return
         problem = self.problem
         message = (
             f"DEQ state became non-finite (NaN or Inf) at step {step} of {problem.max_steps}; "

@@ -131,6 +131,10 @@ class FloatReversal:
     def check_forward(self, z: Tensor) -> None:
         """Nothing to check: a non-finite state shows in the residual (ConvergenceMonitor)."""
 
+    def explain_nonfinite(self) -> bool:
+        """Nothing to add to the monitor's report of a non-finite residual."""
+        return False
+
     # ---------------------------------------------------------------- backward
     def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float | None,
                checkpoint_gaps: list[float]) -> float:
@@ -224,10 +228,17 @@ class ExactReversal(FloatReversal):
         warnings.warn(message + "; the result is NaN", RuntimeWarning, stacklevel=1)
         return True
 
+    def explain_nonfinite(self) -> bool:
+        """The monitor saw a non-finite residual: the flags say at which step f returned the
+        NaN or Inf. Reported once (raised, or warned and the result made NaN)."""
+        if not self.poisoned:
+            self.poisoned = self._check_flags("forward pass")
+        return self.poisoned
+
     def check_forward(self, z: Tensor) -> None:
         peak = z.abs().max().view(1) if z.numel() else z.new_zeros(1)
         *flags, peak_units = torch.cat([self.flags.to(torch.int64), peak]).tolist()  # one read from the device
-        self.poisoned = self._check_flags("forward pass", flags)
+        self.poisoned = self.poisoned or self._check_flags("forward pass", flags)
         if not self.poisoned and 0 < peak_units < 2 ** RESOLUTION_WARNING_BITS:
             _warn_resolution(self.problem, peak_units)
 
@@ -284,7 +295,7 @@ def forward_iteration(problem: Problem, reversal: FloatReversal, x: Tensor, star
     F = problem.call_f(reversal.f_input(z), x, 0)
     checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
     kept: dict[int, Tensor] = {}
-    monitor = ConvergenceMonitor(problem)
+    monitor = ConvergenceMonitor(problem, explain=reversal.explain_nonfinite)
     steps = problem.max_steps
     for n in range(problem.max_steps):
         if n == 0:

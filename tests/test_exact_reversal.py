@@ -212,6 +212,22 @@ def test_exact_errors():
         rk.DEQ(torch.nn.Identity(), solver="anderson", reversal="exact")
 
 
+@pytest.mark.parametrize("tol", [0.0, 1e-3])
+def test_a_nan_from_f_is_reported_once_naming_f(tol):
+    """With or without a tolerance (the monitor looks every step, or once at the end), one
+    report, and it names f, not the generic advice for a state that overflowed."""
+    x = torch.randn(2, 3)
+    nan_f = lambda z, x_: z + float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match="at step 1 of 4: f returned a NaN or Inf"):
+        rk.solve(nan_f, x, beta=0.5, max_steps=4, tol=tol, reversal="exact")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z = rk.solve(nan_f, x, beta=0.5, max_steps=4, tol=tol, reversal="exact", on_nonfinite="warn").z
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "f returned a NaN or Inf" in messages[0], messages
+    assert bool(z.isnan().all()), z
+
+
 def test_float_backward_nan_is_raised_naming_the_reverse_step():
     f, x = block_and_input()
     z = rk.solve(f, x, beta=0.5, max_steps=64, tol=0, reversal="float").z

@@ -65,7 +65,8 @@ def test_gradcheck_tiny():
 
 def test_checkpoints_bound_the_drift():
     want, _ = run("unrolled", 0.8, 20)
-    plain, plain_sol = run("reversible", 0.8, 20, reversal="float")
+    with pytest.warns(RuntimeWarning, match="rebuilt the start state with a relative error .* inexact"):
+        plain, plain_sol = run("reversible", 0.8, 20, reversal="float")
     checkpointed, ck_sol = run("reversible", 0.8, 20, checkpoint_every=4)
     err_plain, err_ck = relative_error(plain, want), relative_error(checkpointed, want)
     assert err_ck <= 1e-9, f"checkpoint_every=4: gradient error {err_ck:.3g} > 1e-9"
@@ -135,7 +136,7 @@ def test_early_stopping_reports_steps_and_residuals():
     absolute = (z - f(z, x)).norm(dim=1)
     assert torch.allclose(stats.abs_residual.float(), absolute, rtol=1e-4, atol=1e-7), (
         f"abs_residual {stats.abs_residual} is not ||z - f(z)|| {absolute}")
-    assert stats.max_abs_residual == pytest.approx(float(absolute.max()), rel=1e-4)
+    assert stats.max_abs_residual == pytest.approx(float(absolute.detach().max()), rel=1e-4)
     exact = rk.ReversibleDEQ(f, beta=0.9, max_steps=50, tol=0, backend="torch")
     exact(x)
     assert exact.last_stats.steps == 50, "tol=0 must run exactly max_steps steps"
