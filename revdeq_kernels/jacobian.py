@@ -1,20 +1,27 @@
 """f's Jacobian in z at a solution z*: the setup the Jacobian penalty and the spectral
-radius share, and the spectral radius itself.
+radius share, the spectral radius itself, and the reversible iteration's rate.
 
-The spectral radius rho of df/dz at z* says whether z* is an equilibrium the iteration
-keeps: below 1, f contracts around z* (in some norm), the damped iteration converges there
-and more steps keep it there; above 1, z* repels the plain iteration. It also bears on a
-float reversal's drift: each reverse step divides by 1 - beta and passes the rounding of the
-rebuilt states through f, so an f that expands (a residual block z + g(z) has rho near 1 or
-above) drifts faster (docs/numerics.md measures both)."""
+Is z* an equilibrium the iteration reaches and keeps? ``iteration_rate`` answers for the
+reversible iteration: the spectral radius of its linearised step, below 1 exactly when it
+converges to z*. ``spectral_radius`` (of df/dz) is the stricter, solver-free test: below
+1, f contracts around z* (in some norm), the plain iteration converges there, and so does
+the reversible one for any beta in (0, 1); at 1 or above only the plain iteration is sure
+to fail, since the reversible step damps an eigenvalue near +-i (see ``iteration_rate``).
+The spectral radius also bears on a float reversal's drift: each reverse step divides by
+1 - beta and passes the rounding of the rebuilt states through f, so an f that expands (a
+residual block z + g(z) has rho near 1 or above) drifts faster (docs/numerics.md measures
+both)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from .f_module import BufferSnapshot, bind_context, check_callable
 from .packing import Layout, PackedF, is_several
+from .settings import coupling
 
 
 def _block_of(f):
@@ -52,6 +59,9 @@ def evaluate_at(block, z: Tensor, x: Tensor, what: str) -> Tensor:
     return fz
 
 
+RITZ_CONVERGED = 1e-2
+
+
 def spectral_radius(f, z, x, *, iters: int = 100, vectors: int = 4, seed: int = 0, **context) -> Tensor:
     """Per sample, an estimate of the spectral radius of f's Jacobian in z at (z, x): the
     largest |eigenvalue| of df/dz. Subspace iteration with vector-Jacobian products (the
@@ -71,29 +81,111 @@ def spectral_radius(f, z, x, *, iters: int = 100, vectors: int = 4, seed: int = 
     and no gradient is recorded. Returns a tensor of shape [batch] in z's dtype (float32 at
     least), NaN for a sample whose Jacobian products are not finite.
     """
+    _check_subspace(iters, vectors)
+    block, z, x = block_at(f, z, x, context)
+    with torch.enable_grad(), BufferSnapshot(block):
+        jt = _transposed_jacobian(block, z, x, "spectral_radius")
+        return _largest_modulus(jt, z.shape[0], z[0].numel(), z, iters, vectors, seed)
+
+
+def iteration_rate(f, z, x, *, beta: float | None = None, iters: int = 100, vectors: int = 4, seed: int = 0,
+                   **context) -> Tensor:
+    """Per sample, the reversible iteration's rate at a solution z*: the spectral radius of
+    its linearised step, the factor by which one step (``y <- (1-b) y + b f(z)``, then
+    ``z <- (1-b) z + b f(y)``) shrinks a small error around z* in the long run. Below 1,
+    the iteration converges to z* and more steps keep it there; at 1 or above it does not.
+
+    This, not ``spectral_radius``, decides whether the iteration reaches z*: in the
+    eigenbasis of J = df/dz, the step acts on (dy, dz) as [[1-b, b l], [b(1-b) l, 1-b +
+    b^2 l^2]] for each eigenvalue l of J, whose larger root is 1 at l = +-1 and below 1 for
+    real |l| < 1, but also below 1 for a nearly imaginary l of modulus above 1 (l = 1.02i:
+    0.34 at b = 0.8). A trained language-model block has such a dominant pair: its spectral
+    radius reads 1 or above on many windows that the iteration solves to about 1e-7.
+
+    ``beta``: the coupling; by default the layer's when ``f`` is a ``ReversibleDEQ``, or a
+    ``DEQ`` with ``solver="reversible"``. The estimate is the same subspace iteration as
+    ``spectral_radius``'s, on the transposed step (2 VJPs per direction and iteration), and
+    takes the same arguments and conventions. Where every eigenvalue of the step has the
+    modulus |1 - b| (beta above 1 on a small J), no Ritz pair converges and the estimate
+    lands between |1 - b| and about 1.3 |1 - b| (tests/test_spectral_radius.py).
+    """
+    _check_subspace(iters, vectors)
+    beta = coupling("beta", _layer_beta(f) if beta is None else beta)
+    block, z, x = block_at(f, z, x, context)
+    with torch.enable_grad(), BufferSnapshot(block):
+        jt = _transposed_jacobian(block, z, x, "iteration_rate")
+        size = z[0].numel()
+
+        def step_transposed(v: Tensor) -> Tensor:
+            # the step is B A, with A: y <- (1-b) y + b J z and B: z <- (1-b) z + b J y; its
+            # transpose A^T B^T needs J^T twice
+            u, w = v[:, :size], v[:, size:]
+            u = u + beta * jt(w)
+            return torch.cat([(1 - beta) * u, (1 - beta) * w + beta * jt(u)], dim=1)
+
+        rate = _largest_modulus(step_transposed, z.shape[0], 2 * size, z, iters, vectors, seed)
+    # each eigenvalue of J gives two of the step whose product is (1 - b)^2, so the rate is at
+    # least |1 - b|: where many share that modulus the subspace need not find one
+    return rate.clamp(min=abs(1 - beta))
+
+
+def _layer_beta(f) -> float:
+    from .deq import DEQ
+    from .reversible import ReversibleDEQ
+
+    if isinstance(f, ReversibleDEQ) or (isinstance(f, DEQ) and f.settings.solver == "reversible"):
+        return f.settings.beta
+    what = f"a DEQ with solver={f.settings.solver!r}" if isinstance(f, DEQ) else "a block"
+    raise ValueError(f"iteration_rate needs beta: f is {what}, not a reversible layer that carries one; "
+                     "pass beta=")
+
+
+def _check_subspace(iters, vectors) -> None:
     for name, value, least in (("iters", iters, 1), ("vectors", vectors, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    block, z, x = block_at(f, z, x, context)
+
+
+def _transposed_jacobian(block, z: Tensor, x: Tensor, what: str):
+    """v [batch, size] -> J^T v, through one retained graph of f at (z, x)."""
     if z.dim() == 0:
         raise ValueError("z must have a batch dimension (dim 0), got a 0-d tensor")
-    batch, size = z.shape[0], z[0].numel()
+    fz = evaluate_at(block, z, x, what)
+
+    def jt(v: Tensor) -> Tensor:
+        (image,) = torch.autograd.grad(fz, z, v.reshape(z.shape).to(z.dtype), retain_graph=True)
+        return image.reshape(v.shape).to(v.dtype)
+
+    return jt
+
+
+def _largest_modulus(apply_transposed, batch: int, size: int, z: Tensor, iters: int, vectors: int,
+                     seed: int) -> Tensor:
+    """Per sample, the largest |eigenvalue| of the linear map whose transpose
+    ``apply_transposed`` applies to [batch, size]: subspace iteration, then Rayleigh-Ritz.
+    NaN for a sample whose products are not finite."""
     vectors = min(vectors, size)
     acc = torch.promote_types(z.dtype, torch.float32)
     generator = torch.Generator(device=z.device).manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(batch, size, vectors, generator=generator, device=z.device, dtype=acc))[0]
     finite = torch.ones(batch, dtype=torch.bool, device=z.device)
-    with torch.enable_grad(), BufferSnapshot(block):
-        fz = evaluate_at(block, z, x, "spectral_radius")
-        for i in range(iters):
-            image = torch.stack([  # J^T v for each direction; the graph of f is freed after the last
-                torch.autograd.grad(fz, z, basis[..., j].reshape(z.shape).to(z.dtype),
-                                    retain_graph=i < iters - 1 or j < vectors - 1)[0].reshape(batch, size).to(acc)
-                for j in range(vectors)], dim=-1)
-            finite &= torch.isfinite(image).flatten(1).all(dim=1)
-            image = torch.where(finite[:, None, None], image, 0.0)  # a NaN sample must not poison QR's batch
-            if i < iters - 1:
-                basis = torch.linalg.qr(image)[0]
-    projected = basis.transpose(1, 2) @ image  # V^T J^T V, the Rayleigh-Ritz matrix
-    radius = torch.linalg.eigvals(projected).abs().amax(dim=1)
+    for i in range(iters):
+        image = torch.stack([apply_transposed(basis[..., j]) for j in range(vectors)], dim=-1)
+        finite &= torch.isfinite(image).flatten(1).all(dim=1)
+        image = torch.where(finite[:, None, None], image, 0.0)  # a NaN sample must not poison QR's batch
+        if i < iters - 1:
+            basis = torch.linalg.qr(image)[0]
+    # Rayleigh-Ritz on V^T M^T V. For a non-normal map, directions of the basis that have
+    # not converged (several eigenvalues of one modulus, as the reversible step has at
+    # |1 - beta|) can give a Ritz value above every true eigenvalue: only pairs whose
+    # residual |M^T u - mu u| is within RITZ_CONVERGED of |mu| count; where none is, the
+    # pair nearest to converging.
+    values, coefficients = torch.linalg.eig(basis.transpose(1, 2) @ image)
+    residual = (image.to(values.dtype) @ coefficients - (basis.to(values.dtype) @ coefficients) * values[:, None, :])
+    modulus = values.abs()
+    relative = residual.norm(dim=1) / modulus
+    converged = relative <= RITZ_CONVERGED
+    accepted = torch.where(converged, modulus, 0.0).amax(dim=1)
+    nearest = modulus.gather(1, relative.nan_to_num(math.inf).argmin(dim=1, keepdim=True))[:, 0]
+    radius = torch.where(converged.any(dim=1), accepted, nearest)
     return torch.where(finite, radius, float("nan"))

@@ -235,26 +235,31 @@ def test_inference_bench_compares_the_solvers_on_a_checkpoint(tmp_path):
     assert rows[1]["decode_evals_mean"] == pytest.approx(1 + rows[1]["decode_steps_mean"]), rows[1]
 
 
-def test_eval_reports_the_spectral_radius_at_the_equilibrium(tmp_path, capsys):
-    """revdeq-eval --spectral-radius: the estimate on a trained model's windows, and on one
+def test_eval_reports_the_spectral_radius_and_the_rate_at_the_equilibrium(tmp_path, capsys):
+    """revdeq-eval --spectral-radius: the estimates on a trained model's windows, and on one
     window the largest |eigenvalue| of the dense Jacobian of the block at that window's
-    solution (1024 x 1024) agrees with it to 1% (measured: 0.4%; the top eigenvalues cluster)."""
+    solution (1024 x 1024) agrees with it to 1% (measured: 0.4%; the top eigenvalues
+    cluster), and the rate with the dense reversible step's (2048 x 2048)."""
     from revdeq_kernels.lm import load_model, prepare_data
     from revdeq_kernels.lm.batches import eval_starts, window_batch
-    from revdeq_kernels.lm.evaluation import equilibrium_spectral_radius
+    from revdeq_kernels.lm.evaluation import equilibrium_stability
+    from tests.test_spectral_radius import dense_step
 
     train(small_config(tmp_path, max_iters=10, eval_interval=10, checkpoint_interval=10), log=lambda *a: None)
     ckpt = str(tmp_path / "run" / "last.pt")
     out = tmp_path / "eval.json"
     assert eval_main(["--checkpoint", ckpt, "--split", "validation", "--max-windows", "4", "--spectral-radius", "4",
                       "--json", str(out), "threads=1"]) == 0
-    assert "spectral radius of df/dz at the solution: mean" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "spectral radius of df/dz at the solution: mean" in printed, printed
+    assert "rate of the reversible iteration there (beta 0.8; below 1: it converges" in printed, printed
     result = json.loads(out.read_text())
     assert result["spectral_radius_windows"] == 4 and 0 < result["spectral_radius_mean"] <= result["spectral_radius_max"]
+    assert 0 < result["iteration_rate_mean"] <= result["iteration_rate_max"], result
 
     model, tokenizer, cfg, _ = load_model(ckpt)
     tokens = prepare_data(cfg, tokenizer, log=lambda *a: None)["validation"]
-    one = equilibrium_spectral_radius(model, tokens, cfg, torch.device("cpu"), 1)
+    one = equilibrium_stability(model, tokens, cfg, torch.device("cpu"), 1)
     idx, _ = window_batch(tokens, eval_starts(len(tokens), cfg.seq_len, 1), cfg.seq_len)
     model.eval()
     with torch.no_grad():
@@ -262,6 +267,8 @@ def test_eval_reports_the_spectral_radius_at_the_equilibrium(tmp_path, capsys):
     jac = torch.autograd.functional.jacobian(lambda state: model.deq.f(state, x), z).reshape(z.numel(), z.numel())
     dense = float(torch.linalg.eigvals(jac.double()).abs().max())
     assert abs(one["spectral_radius_max"] - dense) <= 1e-2 * dense, (one, dense)
+    dense_rate = float(torch.linalg.eigvals(dense_step(jac.double(), model.deq.settings.beta)).abs().max())
+    assert abs(one["iteration_rate_max"] - dense_rate) <= 1e-2 * dense_rate, (one, dense_rate)
 
 
 def test_eval_spectral_radius_errors(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """rk.spectral_radius: the largest |eigenvalue| of df/dz at (z, x), per sample, against the
 dense Jacobian's eigenvalues (torch.linalg.eigvals of each sample's diagonal block), on
 matrices built to be hard for a plain power iteration (non-normal, a complex dominant pair,
-a dominant pair of opposite signs) and on the tests' blocks at their solutions."""
+a dominant pair of opposite signs) and on the tests' blocks at their solutions.
+rk.iteration_rate: the reversible step's, against the dense step matrix, and against the
+rate at which rk.solve's residual actually falls."""
 
 from __future__ import annotations
 
@@ -167,3 +169,97 @@ def test_bad_settings_are_named(option, match):
 def test_an_f_of_another_shape_is_named():
     with pytest.raises(ValueError, match=r"f returned \(2, 3\) for z of shape \(2, 4\); spectral_radius needs"):
         rk.spectral_radius(lambda z, x: z[:, :3], torch.zeros(2, 4), torch.zeros(2, 4))
+
+
+def dense_step(jacobian: torch.Tensor, beta: float) -> torch.Tensor:
+    """The reversible step's matrix on (dy, dz) at a fixed point: y <- (1-b) y + b J z, then
+    z <- (1-b) z + b J y."""
+    eye = torch.eye(jacobian.shape[0], dtype=jacobian.dtype)
+    return torch.cat([torch.cat([(1 - beta) * eye, beta * jacobian], 1),
+                      torch.cat([beta * (1 - beta) * jacobian, (1 - beta) * eye + beta ** 2 * jacobian @ jacobian], 1)])
+
+
+RATE_CASES = {**CASES,
+              "imaginary pair above 1": [rotation(1.2, math.pi / 2), *scalars(0.5, -0.3)],
+              "real above 1": scalars(1.1, 0.5, -0.2, 0.1)}
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8, 1.3])
+@pytest.mark.parametrize("case", list(RATE_CASES))
+def test_iteration_rate_of_linear_maps_of_known_spectrum(case, beta):
+    matrix = with_eigenvalues(RATE_CASES[case])
+    want = torch.linalg.eigvals(dense_step(matrix, beta)).abs().max().item()
+    # Every eigenvalue of this one's step has modulus |1 - beta|: no Ritz pair converges, and
+    # the estimate is that floor or up to 30% above it (jacobian.py), never below
+    degenerate = case == "opposite signs" and beta > 1
+    x = torch.ones(3, matrix.shape[0], dtype=F64)
+    for seed in range(3):
+        got = rk.iteration_rate(Linear(matrix), torch.randn(3, matrix.shape[0], dtype=F64), x, beta=beta, seed=seed)
+        error = ((got - want).abs() / want).max().item()
+        if degenerate:
+            assert bool((got >= want * (1 - 1e-12)).all() and (got <= 1.35 * want).all()), (seed, got.tolist(), want)
+        else:
+            assert error < 1e-8, f"{case}, beta {beta}, seed {seed}: {got.tolist()} against the dense {want:.12g}"
+
+
+def test_the_rate_decides_whether_the_iteration_converges_where_the_spectral_radius_does_not():
+    """J with eigenvalues +-1.2i: spectral radius 1.2, yet the reversible step damps them
+    (rate 0.48 at beta 0.8) and rk.solve converges; a real eigenvalue 1.1: rate above 1, and
+    the state runs off (the relative residual levels at 0.1/1.1 on the way)."""
+    for blocks, converges in (([rotation(1.2, math.pi / 2), *scalars(0.5, -0.3)], True),
+                              (scalars(1.1, 0.5, -0.2, 0.1), False)):
+        matrix = with_eigenvalues(blocks)
+        f, x = Linear(matrix), torch.ones(1, matrix.shape[0], dtype=F64)
+        solution = rk.solve(f, x, beta=0.8, max_steps=200, tol=0.0, reversal="float")
+        rate, radius = rk.iteration_rate(f, solution.z, x, beta=0.8), rk.spectral_radius(f, solution.z, x)
+        assert radius.item() > 1, radius
+        if converges:
+            assert rate.item() < 0.5 and solution.stats.residual_history[-1] < 1e-12, (
+                rate.item(), solution.stats.residual_history[-1])
+        else:
+            assert rate.item() > 1 and solution.z.norm() > 1e6, (rate.item(), solution.z.norm())
+
+
+@pytest.mark.parametrize("block", ["tanh", "rotating"])
+def test_the_rate_is_how_fast_the_residual_falls(block):
+    """At a nonlinear block's solution, the estimate equals the per-step factor by which
+    rk.solve's residual shrinks late in the solve. The rotating block, tanh(W z + x) with a
+    dominant pair of W at 1.15 e^(+-1.4i), has a spectral radius above 1 at its solution."""
+    torch.manual_seed(0)
+    if block == "tanh":
+        f = TanhBlock(16, contraction=0.95).double()
+    else:  # W = Q diag(...) Q^T, Q orthogonal; a small x keeps tanh near its slope 1
+        core = torch.block_diag(rotation(1.15, 1.4), rotation(0.6, 0.5), *scalars(0.7, -0.4, 0.2, 0.1, -0.1, 0.05,
+                                                                                 0.3, -0.2, 0.15, -0.05, 0.02, 0.01))
+        q = torch.linalg.qr(torch.randn(16, 16, dtype=F64))[0]
+        weight = q @ core @ q.T
+
+        def f(z, x):
+            return torch.tanh(z @ weight.T + x)
+    x = (0.1 if block == "rotating" else 1.0) * torch.randn(1, 16, dtype=F64)
+    solution = rk.solve(f, x, beta=0.8, max_steps=400, tol=0.0, reversal="float")
+    history = torch.tensor(solution.stats.residual_history)
+    late = history[(history < 1e-4) & (history > 1e-11)]
+    assert len(late) >= 10, f"{block}: the solve did not pass through 1e-4..1e-11: {history[::20].tolist()}"
+    observed = (late[-1] / late[0]) ** (1 / (len(late) - 1))
+    rate = rk.iteration_rate(f, solution.z, x, beta=0.8, iters=300).item()
+    assert abs(observed - rate) / rate < 2e-2, f"{block}: the residual fell by {observed:.6f} a step, the rate is {rate:.6f}"
+    if block == "rotating":
+        assert rk.spectral_radius(f, solution.z, x).item() > 1
+
+
+def test_the_rate_takes_beta_from_a_reversible_layer_and_names_what_lacks_one():
+    torch.manual_seed(0)
+    f = TanhBlock(8).double()
+    z, x = torch.randn(2, 8, dtype=F64), torch.randn(2, 8, dtype=F64)
+    want = rk.iteration_rate(f, z, x, beta=0.6)
+    assert torch.equal(rk.iteration_rate(rk.ReversibleDEQ(f, beta=0.6), z, x), want)
+    assert torch.equal(rk.iteration_rate(rk.DEQ(f, solver="reversible", beta=0.6), z, x), want)
+    with pytest.raises(ValueError, match="iteration_rate needs beta: f is a block, not a reversible layer"):
+        rk.iteration_rate(f, z, x)
+    with pytest.raises(ValueError, match="f is a DEQ with solver='anderson'"):
+        rk.iteration_rate(rk.DEQ(f, solver="anderson"), z, x)
+    with pytest.raises(ValueError, match="beta"):
+        rk.iteration_rate(f, z, x, beta=1.0)
+    with pytest.raises(ValueError, match="iters must be an int >= 1, got 0"):
+        rk.iteration_rate(f, z, x, beta=0.5, iters=0)

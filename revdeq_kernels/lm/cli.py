@@ -95,12 +95,13 @@ def eval_main(argv: list[str] | None = None) -> int:
                         help="DEQ: also evaluate at each of these solver steps (tol=0), e.g. 4,8,16")
     parser.add_argument("--plot", default=None, help="with --depths: write perplexity against steps to this PNG")
     parser.add_argument("--spectral-radius", type=int, default=0, metavar="WINDOWS",
-                        help="DEQ: also estimate the spectral radius of the block's Jacobian at the solution on "
-                             "this many windows (below 1: a stable equilibrium)")
+                        help="DEQ: also estimate, on this many windows, the spectral radius of the block's "
+                             "Jacobian at the solution and the reversible iteration's rate there (below 1: the "
+                             "iteration converges to the solution and stays)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     from .data import prepare_data
-    from .evaluation import equilibrium_spectral_radius, evaluate, evaluate_depths
+    from .evaluation import equilibrium_stability, evaluate, evaluate_depths
 
     try:
         depths = _depths(args.depths, args.plot)
@@ -114,7 +115,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         result = evaluate(model, data[args.split], cfg, device, max_windows=args.max_windows)
         by_depth = evaluate_depths(model, data[args.split], cfg, device, depths, max_windows=args.max_windows)
         if args.spectral_radius:
-            result.update(equilibrium_spectral_radius(model, data[args.split], cfg, device, args.spectral_radius))
+            result.update(equilibrium_stability(model, data[args.split], cfg, device, args.spectral_radius))
     except _USER_ERRORS as error:
         return _fail(error)
     result = {"checkpoint": args.checkpoint, "step": ckpt["step"], "split": args.split,
@@ -128,9 +129,15 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"max {result['residual_max']:.3e}; absolute (RMS) mean {result['abs_residual_mean']:.3e} "
               f"max {result['abs_residual_max']:.3e}")
     if args.spectral_radius:
+        windows = result["spectral_radius_windows"]
+        above = {name: round(result[f"{name}_at_least_1"] * windows) for name in ("spectral_radius", "iteration_rate")
+                 if f"{name}_at_least_1" in result}
         print(f"spectral radius of df/dz at the solution: mean {result['spectral_radius_mean']:.4f} max "
-              f"{result['spectral_radius_max']:.4f} over {result['spectral_radius_windows']} windows "
-              f"({100 * result['spectral_radius_at_least_1']:.0f}% at 1 or above)")
+              f"{result['spectral_radius_max']:.4f} over {windows} windows ({above['spectral_radius']} at 1 or above)")
+        if "iteration_rate" in above:
+            print(f"rate of the reversible iteration there (beta {model.deq.settings.beta:g}; below 1: it converges "
+                  f"to the solution): mean {result['iteration_rate_mean']:.4f} max {result['iteration_rate_max']:.4f} "
+                  f"({above['iteration_rate']} of {windows} at 1 or above)")
     if by_depth:
         result["depths"] = by_depth
         print("steps  perplexity  relative residual (mean, max)  absolute residual RMS (mean, max)")

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..jacobian import spectral_radius
+from ..jacobian import iteration_rate, spectral_radius
 from .batches import eval_starts, window_batch
 from .config import LMConfig
 from .model import TransformerLM
@@ -69,18 +69,19 @@ def evaluate_depths(model: TransformerLM, tokens, cfg: LMConfig, device: torch.d
     return rows
 
 
-def equilibrium_spectral_radius(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, windows: int,
-                                *, batch_size: int | None = None) -> dict:
-    """The spectral radius of the block's Jacobian df/dz at the solution z* of each of
-    ``windows`` evenly spaced windows (``rk.spectral_radius``, float32, no autocast): below 1,
-    z* is an equilibrium the iteration converges to and stays at; above 1 it repels the plain
-    iteration. Returns its mean and max over the windows and the fraction of windows at 1 or
-    above. Runs under a forked RNG, in eval mode."""
+def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, windows: int,
+                          *, batch_size: int | None = None) -> dict:
+    """At the solution z* of each of ``windows`` evenly spaced windows (float32, no
+    autocast): the spectral radius of the block's Jacobian df/dz (``rk.spectral_radius``),
+    and, where the model solves with the reversible iteration, that iteration's rate
+    (``rk.iteration_rate``: below 1, it converges to z* and stays there). Each as mean, max
+    and the fraction of windows at 1 or above. Runs under a forked RNG, in eval mode."""
     if not model.is_deq:
         raise ValueError("the spectral radius is of a DEQ's block at its solution; this model is explicit")
     batch_size = batch_size or cfg.batch_size
     starts = eval_starts(len(tokens), cfg.seq_len, windows)
-    radii = []
+    reversible = model.deq.settings.solver == "reversible"
+    measured = {"spectral_radius": [], **({"iteration_rate": []} if reversible else {})}
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -88,8 +89,14 @@ def equilibrium_spectral_radius(model: TransformerLM, tokens, cfg: LMConfig, dev
             idx, _ = (t.to(device) for t in window_batch(tokens, starts[i:i + batch_size], cfg.seq_len))
             with torch.no_grad():
                 z, x = model.solution(idx)
-            radii.append(spectral_radius(model.deq.f, z.float(), x.float()))
+            measured["spectral_radius"].append(spectral_radius(model.deq.f, z.float(), x.float()))
+            if reversible:
+                measured["iteration_rate"].append(iteration_rate(model.deq.f, z.float(), x.float(),
+                                                                 beta=model.deq.settings.beta))
     model.train(was_training)
-    radii = torch.cat(radii).double()
-    return {"spectral_radius_mean": float(radii.mean()), "spectral_radius_max": float(radii.max()),
-            "spectral_radius_at_least_1": float((radii >= 1).double().mean()), "spectral_radius_windows": len(radii)}
+    result = {"spectral_radius_windows": len(starts)}
+    for name, values in measured.items():
+        values = torch.cat(values).double()
+        result |= {f"{name}_mean": float(values.mean()), f"{name}_max": float(values.max()),
+                   f"{name}_at_least_1": float((values >= 1).double().mean())}
+    return result
