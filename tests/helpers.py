@@ -131,7 +131,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tens
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300))
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
 class ResidualBlock(nn.Module):

@@ -103,6 +103,7 @@ def test_second_derivative_through_a_first_order_adjoint_raises(method, route):
 
 
 @pytest.mark.parametrize("method", FIRST_ORDER)
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # the call under test
 def test_create_graph_leaves_first_order_gradients_unchanged(method):
     """create_graph=True for a penalty elsewhere must not change or break the first-order gradients."""
     f, x = setup()
