@@ -12,7 +12,7 @@ from .checkpoint import load_model
 from .config import ConfigError, LMConfig, load_config, parse_overrides, preset_names, valid_keys  # noqa: F401
 from .data import prepare_data
 from .evaluation import evaluate
-from .generation import Generation, cache_parity, generate, sample_token  # noqa: F401
+from .generation import Generation, cache_parity, generate, prefix_distributions, sample_token  # noqa: F401
 from .model import TransformerLM
 from .sources import DataUnavailable
 from .training import TrainResult, train

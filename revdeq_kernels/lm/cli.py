@@ -192,6 +192,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     mode = f"{out.cache_kind} cache" if out.cached else "full recomputation"
     if model.is_deq and model.accelerated_solver:
         mode += f", {model.accelerated_solver}"
+    if out.iteration_fallbacks:
+        mode += (f"; {out.iteration_fallbacks} of its solves missed tol and were solved again by the reversible "
+                 "iteration")
     print(f"\n[{out.new_tokens} tokens in {out.seconds:.2f}s: {out.tokens_per_s:.1f} tokens/s, {mode}]", file=sys.stderr)
     if args.compare:
         other = generate(model, prompt, args.max_new_tokens, use_cache=not out.cached, **sampling)

@@ -61,6 +61,7 @@ class Generation:
     cached: bool
     cache_kind: str = "none"     # equilibrium | per-evaluation | explicit | none (full recomputation)
     solver_steps: list[int] = field(default_factory=list)  # per solve (DEQ)
+    iteration_fallbacks: int = 0  # inference_solver solves that missed tol, redone by the iteration
 
     @property
     def tokens_per_s(self) -> float:
@@ -82,6 +83,7 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
     generator = torch.Generator(device=prompt.device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
     seq_len, ids, steps, kind = model.cfg.seq_len, prompt, [], "none"
+    fallbacks_before = model.iteration_fallbacks
 
     def record_steps():
         if model.last_stats is not None:
@@ -109,23 +111,30 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
             ids = torch.cat([ids, sample_token(logits, temperature, top_k, top_p, generator)[:, None]], dim=1)
     if prompt.device.type == "cuda":
         torch.cuda.synchronize(prompt.device)
-    return Generation(ids, max_new_tokens, time.perf_counter() - t0, use_cache, kind, steps)
+    return Generation(ids, max_new_tokens, time.perf_counter() - t0, use_cache, kind, steps,
+                      model.iteration_fallbacks - fallbacks_before)
 
 
 @torch.no_grad()
-def cache_parity(model: TransformerLM, ids: Tensor, prompt_len: int, cache: str = "auto") -> float:
-    """Max |p_cached - p_full| over the next-token distributions after each prefix of
-    ``ids`` [B, T <= seq_len] from ``prompt_len`` tokens on: the cached path (prefill, then
-    one decode step per token of ``ids``) against a full solve of each prefix."""
+def prefix_distributions(model: TransformerLM, ids: Tensor, prompt_len: int,
+                         cache: str = "auto") -> list[tuple[Tensor, Tensor]]:
+    """For each prefix of ``ids`` [B, T <= seq_len] from ``prompt_len`` tokens on, the
+    next-token distributions (float64) of the cached path (prefill, then one decode step per
+    token of ``ids``) and of a full solve of the prefix."""
     if not 1 <= prompt_len <= ids.shape[1] <= model.cfg.seq_len:
         raise ValueError(f"need 1 <= prompt_len={prompt_len} <= length={ids.shape[1]} <= seq_len={model.cfg.seq_len}")
     model.eval()
     logits, caches = model.prefill(ids[:, :prompt_len], cache)
-    worst = 0.0
+    pairs = []
     for t in range(prompt_len, ids.shape[1] + 1):
-        full = model(ids[:, :t])[:, -1]
         # in float64: float32 would hide a float64 model's gaps below ~1e-9 (its rounding of p)
-        worst = max(worst, float((logits.double().softmax(-1) - full.double().softmax(-1)).abs().max()))
+        pairs.append((logits.double().softmax(-1), model(ids[:, :t])[:, -1].double().softmax(-1)))
         if t < ids.shape[1]:
             logits = model.decode_step(ids[:, t], caches)
-    return worst
+    return pairs
+
+
+def cache_parity(model: TransformerLM, ids: Tensor, prompt_len: int, cache: str = "auto") -> float:
+    """Max |p_cached - p_full| over the next-token distributions after each prefix of
+    ``ids`` from ``prompt_len`` tokens on (``prefix_distributions``)."""
+    return max(float((cached - full).abs().max()) for cached, full in prefix_distributions(model, ids, prompt_len, cache))
