@@ -59,6 +59,9 @@ def evaluate_at(block, z: Tensor, x: Tensor, what: str) -> Tensor:
     return fz
 
 
+# A Ritz pair counts as converged when its residual |M^T u - mu u| is within 1% of |mu|: a
+# trained language-model block's top pairs reach 1e-5 to 4e-3 in 100 iterations, where the
+# spurious values measured on non-normal maps sat at 0.04 to 0.11.
 RITZ_CONVERGED = 1e-2
 
 

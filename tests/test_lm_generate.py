@@ -100,6 +100,13 @@ def test_eval_and_generate_command_lines(tmp_path, capsys):
     assert "(anderson at up to 6 steps, max_steps 3" in out, out
     assert generate_main(args + ["inference_solver=anderson"]) == 0
     assert "equilibrium cache, anderson]" in capsys.readouterr().err
+    # Anderson given 4 steps for tol 1e-12 misses it: each solve is redone, and both commands say so
+    missing = ["inference_solver=anderson", "max_steps=2", "tol=1e-12"]
+    assert eval_main(["--checkpoint", ckpt, "--split", "test", "--max-windows", "8", "threads=1", *missing]) == 0
+    assert "batch solve(s) missed tol with anderson and were solved again by the reversible iteration" in (
+        capsys.readouterr().out)
+    assert generate_main(args + missing) == 0
+    assert "of its solves missed tol and were solved again by the reversible iteration]" in capsys.readouterr().err
     assert generate_main(["--checkpoint", ckpt, "d_model=64"]) == 2
     assert "cannot override 'd_model' on a trained model" in capsys.readouterr().err
 

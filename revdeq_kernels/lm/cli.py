@@ -112,7 +112,10 @@ def eval_main(argv: list[str] | None = None) -> int:
             if value and not model.is_deq:
                 raise ValueError(f"{flag}: {args.checkpoint} is an explicit model (method=explicit), not a DEQ")
         data = prepare_data(cfg, tokenizer)
+        fallbacks = model.iteration_fallbacks if model.is_deq else 0
         result = evaluate(model, data[args.split], cfg, device, max_windows=args.max_windows)
+        if model.is_deq and model.cfg.inference_solver:
+            result["iteration_fallbacks"] = model.iteration_fallbacks - fallbacks
         by_depth = evaluate_depths(model, data[args.split], cfg, device, depths, max_windows=args.max_windows)
         if args.spectral_radius:
             result.update(equilibrium_stability(model, data[args.split], cfg, device, args.spectral_radius))
@@ -128,6 +131,9 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"({_solver_name(model)}max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
               f"max {result['residual_max']:.3e}; absolute (RMS) mean {result['abs_residual_mean']:.3e} "
               f"max {result['abs_residual_max']:.3e}")
+        if result.get("iteration_fallbacks"):
+            print(f"  {result['iteration_fallbacks']} batch solve(s) missed tol with {model.accelerated_solver} and were "
+                  "solved again by the reversible iteration")
     if args.spectral_radius:
         windows = result["spectral_radius_windows"]
         above = {name: round(result[f"{name}_at_least_1"] * windows) for name in ("spectral_radius", "iteration_rate")
