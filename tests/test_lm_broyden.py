@@ -92,3 +92,7 @@ def test_a_broyden_model_can_infer_with_anderson():
     assert gap <= 1e-9, f"anderson vs broyden fixed point of one model: max |logit difference| {gap:.3g} > 1e-9"
     with pytest.raises(ValueError, match="'per-evaluation' does not apply to inference_solver=anderson"):
         anderson.prefill(ids[:, :5], cache="per-evaluation")
+    # a missed tol is not redone by the reversible iteration: a Broyden model has none
+    with anderson.solver_settings(max_steps=2), torch.no_grad():
+        anderson(ids)
+    assert anderson.last_stats.max_residual > 1e-11 and anderson.iteration_fallbacks == 0, anderson.last_stats
