@@ -5,6 +5,7 @@ measured and an interrupted run never leaves a cut file."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,26 @@ def test_every_json_writer_goes_through_result_file():
         if "--json" in text and "write_json(" not in text:
             offenders.append(script.name)
     assert not offenders, f"{offenders} take --json but do not write it with result_file.write_json"
+
+
+def test_the_commit_is_the_checkout_s_own_and_not_an_enclosing_repository_s(tmp_path):
+    """An installed copy inside some other repository (a venv in a project) must not report
+    that project's commit as the code that produced a result."""
+    from revdeq_kernels.provenance import commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "tracked.txt").write_text("a")
+    git("add", "tracked.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    nested = tmp_path / "venv" / "site-packages"
+    nested.mkdir(parents=True)
+    assert commit(str(tmp_path)) == sha
+    assert commit(str(nested)) == "unknown", "a folder inside another checkout took that checkout's commit"
+    (tmp_path / "tracked.txt").write_text("b")
+    assert commit(str(tmp_path)) == sha + "-dirty"
+    assert commit(str(tmp_path / "no-such-folder")) == "unknown"

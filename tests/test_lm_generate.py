@@ -75,9 +75,14 @@ def test_sampling_filters():
 def test_eval_and_generate_command_lines(tmp_path, capsys):
     train(small_config(tmp_path, max_iters=3, eval_interval=3, checkpoint_interval=3), log=lambda *a: None)
     ckpt = str(tmp_path / "run" / "last.pt")
-    assert eval_main(["--checkpoint", ckpt, "--split", "test", "--max-windows", "8", "threads=1"]) == 0
+    saved = tmp_path / "eval.json"
+    assert eval_main(["--checkpoint", ckpt, "--split", "test", "--max-windows", "8", "threads=1",
+                      "--json", str(saved)]) == 0
     out = capsys.readouterr().out
     assert "test: loss" in out and "perplexity" in out and "solver: steps mean 3.00" in out, out
+    payload = json.loads(saved.read_text())
+    assert {"device", "commit", "torch", "utc", "backends"} <= set(payload["header"]), payload["header"]
+    assert f"perplexity {payload['ppl']:.2f}" in out and payload["step"] == 3, (payload, out)
     png = tmp_path / "depth.png"
     assert eval_main(["--checkpoint", ckpt, "--split", "validation", "--max-windows", "4", "--depths", "2,6",
                       "--plot", str(png), "threads=1"]) == 0

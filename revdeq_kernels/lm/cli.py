@@ -156,9 +156,10 @@ def eval_main(argv: list[str] | None = None) -> int:
             trained = config_from_dict(ckpt["config"], f"checkpoint {args.checkpoint}").describe_training_depth()
             print(f"plot: {plot_depths(by_depth, args.plot, f'{args.checkpoint} ({args.split}), trained at {trained}')}")
     if args.json:
+        from ..provenance import header
         from .io import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+        atomic_write_text(Path(args.json), json.dumps({"header": header(device), **result}, indent=1))
     return 0
 
 
