@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PAGES = ["README.md", "docs/kernels.md", "docs/numerics.md", "docs/lm.md", "bench/RESULTS.md"]
+PAGES = ["README.md", "bench/RESULTS.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 

@@ -199,7 +199,7 @@ UNSUPPORTED += [("unrolled", "func.vmap"), ("unrolled", "func.vmap-grad")]  # th
 
 @pytest.mark.parametrize("method,transform", UNSUPPORTED, ids=[f"{m}-{t}" for m, t in UNSUPPORTED])
 def test_function_transforms_raise_rather_than_return(method, transform):
-    """The README says these are unsupported; they must fail, and the torch.func ones with our
+    """The README and docs/api.md say these are unsupported; they must fail, and the torch.func ones with our
     advice, not torch's advice to the autograd.Function's author ("override setup_context")."""
     f, x = setup()
     deq = unrolled(f) if method == "unrolled" else FIRST_ORDER[method](f)

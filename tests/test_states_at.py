@@ -257,7 +257,7 @@ def test_deq_with_the_reversible_solver_returns_states(adjoint):
 
 def test_trajectory_bench_runs(tmp_path, capsys):
     """bench/trajectory.py at a tiny size: its table prints and the exact reversal's row is float32
-    backprop's error, so the README's figures cannot rot unseen."""
+    backprop's error, so the figures in docs/api.md cannot rot unseen."""
     import json
     trajectory = bench_module("trajectory")
     out = tmp_path / "rows.json"
