@@ -297,6 +297,10 @@ def test_eval_reports_the_spectral_radius_and_the_rate_at_the_equilibrium(tmp_pa
     result = json.loads(out.read_text())
     assert result["spectral_radius_windows"] == 4 and 0 < result["spectral_radius_mean"] <= result["spectral_radius_max"]
     assert 0 < result["iteration_rate_mean"] <= result["iteration_rate_max"], result
+    # a briefly trained model solved at its few steps: no window is at a fixed point, none at a 2-cycle
+    assert result["not_fixed_point_windows"] == 4 and result["two_cycle_windows"] == 0, result
+    assert "not a fixed point of f (relative residual above 0.001) at 4 of 4 windows" in printed, printed
+    assert "2-cycle" not in printed, printed
 
     model, tokenizer, cfg, _ = load_model(ckpt)
     tokens = prepare_data(cfg, tokenizer, log=lambda *a: None)["validation"]
@@ -310,6 +314,20 @@ def test_eval_reports_the_spectral_radius_and_the_rate_at_the_equilibrium(tmp_pa
     assert abs(one["spectral_radius_max"] - dense) <= 1e-2 * dense, (one, dense)
     dense_rate = float(torch.linalg.eigvals(dense_step(jac.double(), model.deq.settings.beta)).abs().max())
     assert abs(one["iteration_rate_max"] - dense_rate) <= 1e-2 * dense_rate, (one, dense_rate)
+
+
+def test_eval_names_the_windows_that_rest_at_a_two_cycle(capsys):
+    """What revdeq-eval prints for the main job's model (2 of 755 windows at a 2-cycle)."""
+    from revdeq_kernels.lm.cli import _print_fixed_point_gaps
+
+    _print_fixed_point_gaps({"not_fixed_point_windows": 2, "two_cycle_windows": 2, "two_cycle_gap_max": 2.1e-7,
+                             "two_cycle_residuals": [0.0125, 0.0222]}, 755)
+    printed = capsys.readouterr().out
+    assert "not a fixed point of f (relative residual above 0.001) at 2 of 755 windows" in printed, printed
+    assert "2 of them rest at a 2-cycle of f (f(f(z)) returns to z within 2.1e-07; f(z) is 0.0125, 0.0222 off z)" in (
+        printed), printed
+    _print_fixed_point_gaps({"not_fixed_point_windows": 0, "two_cycle_windows": 0}, 755)
+    assert capsys.readouterr().out == ""
 
 
 def test_eval_spectral_radius_errors(tmp_path, capsys):

@@ -263,3 +263,50 @@ def test_the_rate_takes_beta_from_a_reversible_layer_and_names_what_lacks_one():
         rk.iteration_rate(f, z, x, beta=1.0)
     with pytest.raises(ValueError, match="iters must be an int >= 1, got 0"):
         rk.iteration_rate(f, z, x, beta=0.5, iters=0)
+
+
+class TwoCycleMap(nn.Module):
+    """f(z) = -2 tanh(z), elementwise: its one fixed point, 0, has f'(0) = -2, and it has the
+    2-cycle z -> -z at +-p, p = 2 tanh(p) = 1.91501."""
+
+    def forward(self, z, x):
+        return -2 * torch.tanh(z) + 0 * x
+
+
+@pytest.mark.parametrize("beta", [0.25, 0.5, 0.8, 1.2])
+def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_finds_the_fixed_point(beta):
+    """The reversible iteration stands still wherever y = f(z) and z = f(y): at f's fixed
+    points (y = z), and at its 2-cycles, whatever beta. Its residual then stays put, and the
+    rate and the spectral radius at z describe no equilibrium (docs/api.md)."""
+    from revdeq_kernels.lm.evaluation import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO, fixed_point_gaps
+
+    f = TwoCycleMap()
+    x = torch.zeros(3, 4, dtype=F64)
+    z0 = 1e-3 * torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sol = rk.solve(f, x, z0=z0, beta=beta, max_steps=300, tol=0)
+    p = 1.9150080481545
+    assert torch.allclose(sol.z.abs(), torch.full_like(sol.z, p), atol=1e-9), f"beta {beta}: z = {sol.z[0].tolist()}"
+    residual, cycle_gap = fixed_point_gaps(f, sol.z, x)
+    assert torch.allclose(residual, torch.full_like(residual, 2.0), atol=1e-5), residual  # f(z) = -z
+    assert cycle_gap.max() < 1e-12 and (cycle_gap <= TWO_CYCLE_RATIO * residual).all(), cycle_gap
+    assert (residual > NOT_A_FIXED_POINT).all()
+    # the fixed point is there: a damped single-state iteration and Anderson reach it from z0
+    for solver, options in (("fixed_point", dict(beta=0.5)), ("anderson", {})):
+        deq = rk.DEQ(f, solver=solver, adjoint="unrolled", max_steps=100, tol=1e-10, **options)
+        assert deq(x, z0=z0).abs().max() < 1e-9, f"{solver} did not reach 0"
+
+
+def test_a_converging_transient_is_not_taken_for_a_two_cycle():
+    """A contractive block a few steps from its fixed point: f(f(z)) - z is of the size of
+    f(z) - z, far above the 2-cycle criterion; solved to the end, it is a fixed point."""
+    from revdeq_kernels.lm.evaluation import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO, fixed_point_gaps
+
+    torch.manual_seed(0)
+    f = TanhBlock(16).to(F64)
+    x = torch.randn(4, 16, dtype=F64)
+    early = rk.solve(f, x, beta=0.8, max_steps=2, tol=0).z
+    residual, cycle_gap = fixed_point_gaps(f, early, x)
+    assert (residual > NOT_A_FIXED_POINT).all() and (cycle_gap > 10 * TWO_CYCLE_RATIO * residual).all(), (
+        residual, cycle_gap)
+    residual, _ = fixed_point_gaps(f, rk.solve(f, x, beta=0.8, max_steps=60, tol=0).z, x)
+    assert (residual < 1e-9).all(), residual

@@ -82,6 +82,21 @@ def _depths(text: str | None, plot: str | None) -> list[int]:
     return depths
 
 
+def _print_fixed_point_gaps(result: dict, windows: int) -> None:
+    from .evaluation import NOT_A_FIXED_POINT
+
+    unconverged, cycles = result["not_fixed_point_windows"], result["two_cycle_windows"]
+    if not unconverged:
+        return
+    print(f"  not a fixed point of f (relative residual above {NOT_A_FIXED_POINT:g}) at {unconverged} of {windows} "
+          "windows: there both estimates linearise f where the solve stopped")
+    if cycles:
+        off = ", ".join(f"{r:.3g}" for r in result["two_cycle_residuals"])
+        print(f"  {cycles} of them rest at a 2-cycle of f (f(f(z)) returns to z within {result['two_cycle_gap_max']:.1e}; "
+              f"f(z) is {off} off z), where the reversible iteration stands still for every beta; an accelerated "
+              "solver (inference_solver=anderson) can reach f's own fixed point there")
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="revdeq-eval",
@@ -144,6 +159,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             print(f"rate of the reversible iteration there (beta {model.deq.settings.beta:g}; below 1: it converges "
                   f"to the solution): mean {result['iteration_rate_mean']:.4f} max {result['iteration_rate_max']:.4f} "
                   f"({above['iteration_rate']} of {windows} at 1 or above)")
+        _print_fixed_point_gaps(result, windows)
     if by_depth:
         result["depths"] = by_depth
         print("steps  perplexity  relative residual (mean, max)  absolute residual RMS (mean, max)")

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..jacobian import iteration_rate, spectral_radius
 from .batches import eval_starts, window_batch
@@ -69,19 +70,42 @@ def evaluate_depths(model: TransformerLM, tokens, cfg: LMConfig, device: torch.d
     return rows
 
 
+# A window whose solution has a relative residual above this (the presets' tol) is not
+# called a fixed point of f; its estimates linearise f where the solve stopped.
+NOT_A_FIXED_POINT = 1e-3
+# ... and it rests at a 2-cycle of f when f(f(z)) returns to z this many times closer than
+# f(z) does: a converging transient has f(f(z)) - z ~ (J + I)(f(z) - z), of the residual's size.
+TWO_CYCLE_RATIO = 1e-2
+
+
+def fixed_point_gaps(f, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample: the relative residual ``||f(z) - z|| / ||f(z)||`` and the 2-cycle gap
+    ``||f(f(z)) - z|| / ||z||``. The reversible iteration rests wherever y = f(z) and
+    z = f(y), so at f's fixed points (y = z) and also at its 2-cycles (y != z), for every
+    beta; there the first is large and the second is at rounding level."""
+    fz = f(z, x)
+    ffz = f(fz, x)
+    norm = lambda t: t.flatten(1).norm(dim=1)
+    return norm(fz - z) / (1e-5 + norm(fz)), norm(ffz - z) / (1e-5 + norm(z))
+
+
 def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, windows: int,
                           *, batch_size: int | None = None) -> dict:
     """At the solution z* of each of ``windows`` evenly spaced windows (float32, no
     autocast): the spectral radius of the block's Jacobian df/dz (``rk.spectral_radius``),
     and, where the model solves with the reversible iteration, that iteration's rate
     (``rk.iteration_rate``: below 1, it converges to z* and stays there). Each as mean, max
-    and the fraction of windows at 1 or above. Runs under a forked RNG, in eval mode."""
+    and the fraction of windows at 1 or above; and how many windows' z* is not a fixed point
+    of f (relative residual above ``NOT_A_FIXED_POINT``), and how many of those rest at a
+    2-cycle of f (:func:`fixed_point_gaps`), where neither estimate describes an
+    equilibrium. Runs under a forked RNG, in eval mode."""
     if not model.is_deq:
         raise ValueError("the spectral radius is of a DEQ's block at its solution; this model is explicit")
     batch_size = batch_size or cfg.batch_size
     starts = eval_starts(len(tokens), cfg.seq_len, windows)
     reversible = model.deq.settings.solver == "reversible"
     measured = {"spectral_radius": [], **({"iteration_rate": []} if reversible else {})}
+    residuals, cycle_gaps = [], []
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -89,12 +113,21 @@ def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: t
             idx, _ = (t.to(device) for t in window_batch(tokens, starts[i:i + batch_size], cfg.seq_len))
             with torch.no_grad():
                 z, x = model.solution(idx)
-            measured["spectral_radius"].append(spectral_radius(model.deq.f, z.float(), x.float()))
+                z, x = z.float(), x.float()
+                residual, cycle_gap = fixed_point_gaps(model.deq.f, z, x)
+            residuals.append(residual)
+            cycle_gaps.append(cycle_gap)
+            measured["spectral_radius"].append(spectral_radius(model.deq.f, z, x))
             if reversible:
-                measured["iteration_rate"].append(iteration_rate(model.deq.f, z.float(), x.float(),
-                                                                 beta=model.deq.settings.beta))
+                measured["iteration_rate"].append(iteration_rate(model.deq.f, z, x, beta=model.deq.settings.beta))
     model.train(was_training)
-    result = {"spectral_radius_windows": len(starts)}
+    residual, cycle_gap = torch.cat(residuals).double(), torch.cat(cycle_gaps).double()
+    unconverged = residual > NOT_A_FIXED_POINT
+    at_two_cycle = unconverged & (cycle_gap <= TWO_CYCLE_RATIO * residual)
+    result = {"spectral_radius_windows": len(starts), "not_fixed_point_windows": int(unconverged.sum()),
+              "two_cycle_windows": int(at_two_cycle.sum()),
+              "two_cycle_gap_max": float(cycle_gap[at_two_cycle].max()) if at_two_cycle.any() else None,
+              "two_cycle_residuals": residual[at_two_cycle].tolist()}
     for name, values in measured.items():
         values = torch.cat(values).double()
         result |= {f"{name}_mean": float(values.mean()), f"{name}_max": float(values.max()),
