@@ -26,7 +26,11 @@ def test_thirty_steps_loss_falls_and_run_records_are_written(tmp_path):
     assert result.val[30]["loss"] < result.val[10]["loss"], f"validation loss did not fall: {result.val}"
     records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
-    assert {"tokens_per_s", "solver_steps", "residual", "lr", "grad_norm"} <= set(records[0])
+    assert {"tokens_per_s", "solver_steps", "residual", "lr", "grad_norm"} <= set(records[1])
+    run = records[0]  # what produced the records: machine, torch, commit, processes, the config
+    assert run["kind"] == "run" and run["step"] == 0 and run["resumed_from"] is None, run
+    assert {"device", "torch", "commit", "utc", "processes"} <= set(run["header"]), run["header"]
+    assert run["config"] == cfg.to_dict(), run["config"]
     assert (result.out_dir / "loss.png").stat().st_size > 0
     assert any((result.out_dir / "tb").iterdir()), "no TensorBoard events written"
     model, tokenizer, loaded_cfg, ckpt = load_model(result.out_dir / "last.pt")
@@ -88,6 +92,10 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path, monk
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
              if '"train"' in l]
     assert steps == list(range(1, 13)), f"metrics.jsonl steps after resume: {steps}"
+    records = [json.loads(line) for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    runs = [r for r in records if r["kind"] == "run"]
+    assert [(r["step"], r["resumed_from"]) for r in runs] == [(0, None), (6, str(tmp_path / "b" / "run" / "last.pt"))], (
+        runs)
     with pytest.raises(ValueError, match="cannot resume .* d_model: 32 -> 64"):
         train(small_config(tmp_path / "b", **overrides, d_model=64), resume=True, **QUIET)
 

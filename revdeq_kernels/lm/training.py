@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..provenance import header
 from .adjoint_check import adjoint_gradient_error
 from .batches import TrainSampler, eval_starts, num_windows, window_batch
 from .checkpoint import LAST, PREVIOUS, CheckpointError, load_checkpoint, save_rotating
@@ -223,6 +224,9 @@ class Trainer:
             elif metrics.exists():
                 metrics.unlink()  # a fresh run starts a fresh record
             self.logger = MetricsLogger(self.out, cfg.tensorboard, purge_step=self.step + 1 if ckpt else None)
+            # what produced the records that follow: their tokens/s mean nothing without the machine
+            self.logger.log({"kind": "run", "step": self.step, "resumed_from": str(source) if ckpt else None,
+                             "header": {**header(self.device), "processes": ddp.world}, "config": cfg.to_dict()})
             self.log(f"model: {cfg.method}, {self.model.num_parameters() / 1e6:.2f}M parameters; device "
                      f"{self.device}; {ddp.world} process(es); {self.tokens_per_step:,} tokens/step")
 
