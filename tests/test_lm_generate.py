@@ -316,6 +316,24 @@ def test_eval_reports_the_spectral_radius_and_the_rate_at_the_equilibrium(tmp_pa
     assert abs(one["iteration_rate_max"] - dense_rate) <= 1e-2 * dense_rate, (one, dense_rate)
 
 
+def test_eval_json_header_is_taken_before_the_evaluation(tmp_path, monkeypatch):
+    """The header's commit and time are those of the run: a header taken at the end of a
+    long --spectral-radius run named a commit made while it ran."""
+    import revdeq_kernels.lm.evaluation as evaluation
+    import revdeq_kernels.provenance as provenance
+
+    train(small_config(tmp_path, max_iters=2, eval_interval=2, checkpoint_interval=2), log=lambda *a: None)
+    calls = []
+    take_header, evaluate = provenance.header, evaluation.evaluate
+    monkeypatch.setattr(provenance, "header", lambda *a, **k: calls.append("header") or take_header(*a, **k))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append("evaluate") or evaluate(*a, **k))
+    out = tmp_path / "eval.json"
+    assert eval_main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--max-windows", "2", "threads=1",
+                      "--json", str(out)]) == 0
+    assert calls == ["header", "evaluate"], calls
+    assert "commit" in json.loads(out.read_text())["header"]
+
+
 def test_eval_names_the_windows_that_rest_at_a_two_cycle(capsys):
     """What revdeq-eval prints for the main job's model (2 of 755 windows at a 2-cycle)."""
     from revdeq_kernels.lm.cli import _print_fixed_point_gaps

@@ -115,6 +115,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                              "iteration converges to the solution and stays)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
+    from ..provenance import header
     from .data import prepare_data
     from .evaluation import equilibrium_stability, evaluate, evaluate_depths
 
@@ -123,6 +124,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.spectral_radius < 0:
             raise ValueError(f"--spectral-radius {args.spectral_radius}: the number of windows must be >= 0")
         model, tokenizer, cfg, ckpt, device = _load(args.checkpoint, args.overrides)
+        provenance = header(device)  # before the work, so its commit and time are the run's
         for flag, value in (("--depths", depths), ("--spectral-radius", args.spectral_radius)):
             if value and not model.is_deq:
                 raise ValueError(f"{flag}: {args.checkpoint} is an explicit model (method=explicit), not a DEQ")
@@ -172,10 +174,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             trained = config_from_dict(ckpt["config"], f"checkpoint {args.checkpoint}").describe_training_depth()
             print(f"plot: {plot_depths(by_depth, args.plot, f'{args.checkpoint} ({args.split}), trained at {trained}')}")
     if args.json:
-        from ..provenance import header
         from .io import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps({"header": header(device), **result}, indent=1))
+        atomic_write_text(Path(args.json), json.dumps({"header": provenance, **result}, indent=1))
     return 0
 
 
