@@ -344,6 +344,9 @@ def test_eval_names_the_windows_that_rest_at_a_two_cycle(capsys):
     assert "not a fixed point of f (relative residual above 0.001) at 2 of 755 windows" in printed, printed
     assert "2 of them rest at a 2-cycle of f (f(f(z)) returns to z within 2.1e-07; f(z) is 0.0125, 0.0222 off z)" in (
         printed), printed
+    _print_fixed_point_gaps({"not_fixed_point_windows": 9, "two_cycle_windows": 6, "two_cycle_gap_max": 1e-7,
+                             "two_cycle_residuals": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}, 755)
+    assert "f(z) is 0.1, 0.2, 0.3, 0.4, ... (6 in all) off z" in capsys.readouterr().out  # a line, not a list
     _print_fixed_point_gaps({"not_fixed_point_windows": 0, "two_cycle_windows": 0}, 755)
     assert capsys.readouterr().out == ""
 

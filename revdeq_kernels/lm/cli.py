@@ -91,7 +91,8 @@ def _print_fixed_point_gaps(result: dict, windows: int) -> None:
     print(f"  not a fixed point of f (relative residual above {NOT_A_FIXED_POINT:g}) at {unconverged} of {windows} "
           "windows: there both estimates linearise f where the solve stopped")
     if cycles:
-        off = ", ".join(f"{r:.3g}" for r in result["two_cycle_residuals"])
+        residuals = result["two_cycle_residuals"]
+        off = ", ".join(f"{r:.3g}" for r in residuals[:4]) + (f", ... ({len(residuals)} in all)" if len(residuals) > 4 else "")
         print(f"  {cycles} of them rest at a 2-cycle of f (f(f(z)) returns to z within {result['two_cycle_gap_max']:.1e}; "
               f"f(z) is {off} off z), where the reversible iteration stands still for every beta; an accelerated "
               "solver (inference_solver=anderson) can reach f's own fixed point there")
