@@ -10,6 +10,20 @@ import torch
 from torch import Tensor
 
 RESIDUAL_EPS = 1e-5
+# A state whose relative residual is above this (the LM presets' tol) is not called a fixed
+# point of f ...
+NOT_A_FIXED_POINT = 1e-3
+# ... and it rests at a 2-cycle of f when the pair test (y = f(z) for the reversible
+# iteration, f(f(z)) = z for any state) holds this many times more closely than z = f(z):
+# a converging transient has both gaps of the residual's size, (J + I)(f(z) - z) for the second.
+TWO_CYCLE_RATIO = 1e-2
+
+
+def at_two_cycle(residual: Tensor, cycle_gap: Tensor) -> Tensor:
+    """Per sample: True where the state is not a fixed point (``residual`` above
+    NOT_A_FIXED_POINT) and ``cycle_gap``, the 2-cycle test's relative gap, is below
+    TWO_CYCLE_RATIO of the residual. NaN reads False."""
+    return (residual > NOT_A_FIXED_POINT) & (cycle_gap <= TWO_CYCLE_RATIO * residual)
 
 
 def relative_residual(sq_res: Tensor, sq_f: Tensor) -> Tensor:

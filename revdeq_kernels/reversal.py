@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .convergence import ConvergenceMonitor
+from .convergence import ConvergenceMonitor, relative_residual
 from .fixed_point import (FLAG_NONFINITE, FRAC_BITS_RANGE, DigitPlanes, from_fixed, plane_capacity, range_limit,
                           to_fixed)
 from .ops.reference import accumulation_dtype
@@ -317,6 +317,8 @@ def forward_iteration(problem: Problem, reversal: FloatReversal, x: Tensor, star
         monitor.converged(steps, *reversal.residual(z, F))
     reversal.check_forward(z)
     monitor.finish(steps)
+    # F = f(z_N) is at hand: one pass over y tells a 2-cycle (y = f(z) != z) from slow progress
+    problem.stats.pair_residual = relative_residual(*reversal.residual(y, F)).detach()
     problem.stats.nfe_forward = 1 + 2 * steps
     return y, z, {k: v for k, v in checkpoints.items() if k < steps}, F.dtype, kept
 

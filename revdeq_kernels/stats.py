@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .convergence import at_two_cycle
+
 
 @dataclass
 class SolverStats:
@@ -16,6 +18,10 @@ class SolverStats:
     abs_residual: per-sample ||z - f(z)|| there, shape [B] (a relative residual can fall
         only because ||z|| grows, as with a residual block ``z + g(z)``; this one cannot).
     residual_history: the max over the batch of that residual after each step.
+    pair_residual: the reversible iteration only: per-sample ||y - f(z)|| / (1e-5 + ||f(z)||)
+        at the returned state, from the f(z) the stop test already has. The iteration stands
+        still wherever y = f(z) and z = f(y): at a fixed point of f, and also at a 2-cycle of
+        f, where this is at rounding level while ``residual`` is not (``at_two_cycle``).
     reconstruction_error: for the reversible adjoint, max |reconstructed - true| over the
         states the backward pass lands on (the start, and every checkpoint), divided by
         max |z_N| (the scale of the state). 0 means the inverse was exact in floating point.
@@ -25,6 +31,7 @@ class SolverStats:
     residual: Tensor | None = None
     abs_residual: Tensor | None = None
     residual_history: list[float] = field(default_factory=list)
+    pair_residual: Tensor | None = None
     nfe_forward: int = 0
     nfe_backward: int = 0
     reconstruction_error: float | None = None
@@ -37,6 +44,15 @@ class SolverStats:
     @property
     def max_abs_residual(self) -> float:
         return float(self.abs_residual.max()) if self.abs_residual is not None and self.abs_residual.numel() else 0.0
+
+    @property
+    def at_two_cycle(self) -> Tensor | None:
+        """Per-sample bool, the reversible iteration only: the solve ended at a 2-cycle of f
+        (residual above 1e-3, pair_residual below 1% of it), not at a fixed point; more steps
+        will not move it. None for the other solvers."""
+        if self.pair_residual is None or self.residual is None:
+            return None
+        return at_two_cycle(self.residual, self.pair_residual)
 
 
 @dataclass
@@ -54,6 +70,6 @@ class Solution:
     states: list = field(default_factory=list)  # z after each step of ``states_at``, in its order
 
     def __getattr__(self, name: str):
-        if name in SolverStats.__dataclass_fields__ or name in ("max_residual", "max_abs_residual"):
+        if name in SolverStats.__dataclass_fields__ or name in ("max_residual", "max_abs_residual", "at_two_cycle"):
             return getattr(self.__dict__["stats"], name)
         raise AttributeError(f"Solution has no attribute {name!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .convergence import ConvergenceMonitor, Trajectory
+from .convergence import ConvergenceMonitor, Trajectory, relative_residual
 from .ops.reference import relax, residual_norms
 from .stats import SolverStats
 
@@ -43,5 +43,7 @@ def unrolled_solve(problem, x: Tensor, z0: Tensor | None, start: Tensor,
         with torch.no_grad():
             monitor.converged(steps, *residual_norms(z, F))
     monitor.finish(steps)
+    with torch.no_grad():  # as the reversible solve reports it: y = f(z) != z at a 2-cycle of f
+        problem.stats.pair_residual = relative_residual(*residual_norms(y, F))
     problem.stats.nfe_forward = 1 + 2 * steps
     return z, problem.stats, trajectory.states(z)

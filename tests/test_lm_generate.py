@@ -351,6 +351,37 @@ def test_eval_names_the_windows_that_rest_at_a_two_cycle(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_eval_counts_the_windows_the_solve_left_at_a_two_cycle(tmp_path, capsys, monkeypatch):
+    """Every revdeq-eval reads the reversible solve's ``at_two_cycle``, at no extra cost: a
+    trained model whose block is swapped for -2 tanh(z + 0.1) (fixed point unstable, f' ~ -2)
+    ends every window at the 2-cycle; the model's own block, solved at its few steps, none."""
+    import revdeq_kernels.lm.checkpoint as checkpoint
+    from tests.test_spectral_radius import TwoCycleMap
+
+    class ShiftedTwoCycleMap(TwoCycleMap):
+        def forward(self, z, x):
+            return super().forward(z + 0.1, x)
+
+    train(small_config(tmp_path, max_iters=2, eval_interval=2, checkpoint_interval=2), log=lambda *a: None)
+    ckpt = str(tmp_path / "run" / "last.pt")
+    out = tmp_path / "eval.json"
+    assert eval_main(["--checkpoint", ckpt, "--max-windows", "3", "threads=1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["windows_at_two_cycle"] == 0 and "2-cycle" not in capsys.readouterr().out
+
+    load_model = checkpoint.load_model
+
+    def load_with_a_cycling_block(*args, **kwargs):
+        model, *rest = load_model(*args, **kwargs)
+        model.deq.f = ShiftedTwoCycleMap()
+        return (model, *rest)
+
+    monkeypatch.setattr(checkpoint, "load_model", load_with_a_cycling_block)
+    assert eval_main(["--checkpoint", ckpt, "--max-windows", "3", "threads=1", "max_steps=60", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["windows"] == 3 and result["windows_at_two_cycle"] == 3, result
+    assert "3 of 3 windows ended at a 2-cycle of f, not a fixed point" in capsys.readouterr().out
+
+
 def test_eval_spectral_radius_errors(tmp_path, capsys):
     train(small_config(tmp_path, max_iters=2, eval_interval=2, checkpoint_interval=2), log=lambda *a: None)
     ckpt = str(tmp_path / "run" / "last.pt")

@@ -278,7 +278,8 @@ def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_f
     """The reversible iteration stands still wherever y = f(z) and z = f(y): at f's fixed
     points (y = z), and at its 2-cycles, whatever beta. Its residual then stays put, and the
     rate and the spectral radius at z describe no equilibrium (docs/api.md)."""
-    from revdeq_kernels.lm.evaluation import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO, fixed_point_gaps
+    from revdeq_kernels.convergence import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO
+    from revdeq_kernels.lm.evaluation import fixed_point_gaps
 
     f = TwoCycleMap()
     x = torch.zeros(3, 4, dtype=F64)
@@ -290,6 +291,8 @@ def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_f
     assert torch.allclose(residual, torch.full_like(residual, 2.0), atol=1e-5), residual  # f(z) = -z
     assert cycle_gap.max() < 1e-12 and (cycle_gap <= TWO_CYCLE_RATIO * residual).all(), cycle_gap
     assert (residual > NOT_A_FIXED_POINT).all()
+    # the solve's own stats say so, from the y it holds: y = f(z) while z != f(z)
+    assert sol.at_two_cycle.all() and sol.pair_residual.max() < 1e-12, (sol.pair_residual, sol.residual)
     # the fixed point is there: a damped single-state iteration and Anderson reach it from z0
     for solver, options in (("fixed_point", dict(beta=0.5)), ("anderson", {})):
         deq = rk.DEQ(f, solver=solver, adjoint="unrolled", max_steps=100, tol=1e-10, **options)
@@ -299,14 +302,39 @@ def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_f
 def test_a_converging_transient_is_not_taken_for_a_two_cycle():
     """A contractive block a few steps from its fixed point: f(f(z)) - z is of the size of
     f(z) - z, far above the 2-cycle criterion; solved to the end, it is a fixed point."""
-    from revdeq_kernels.lm.evaluation import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO, fixed_point_gaps
+    from revdeq_kernels.convergence import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO
+    from revdeq_kernels.lm.evaluation import fixed_point_gaps
 
     torch.manual_seed(0)
     f = TanhBlock(16).to(F64)
     x = torch.randn(4, 16, dtype=F64)
-    early = rk.solve(f, x, beta=0.8, max_steps=2, tol=0).z
-    residual, cycle_gap = fixed_point_gaps(f, early, x)
+    early = rk.solve(f, x, beta=0.8, max_steps=2, tol=0)
+    residual, cycle_gap = fixed_point_gaps(f, early.z, x)
     assert (residual > NOT_A_FIXED_POINT).all() and (cycle_gap > 10 * TWO_CYCLE_RATIO * residual).all(), (
         residual, cycle_gap)
-    residual, _ = fixed_point_gaps(f, rk.solve(f, x, beta=0.8, max_steps=60, tol=0).z, x)
-    assert (residual < 1e-9).all(), residual
+    assert not early.at_two_cycle.any() and (early.pair_residual > 10 * TWO_CYCLE_RATIO * early.residual).all(), (
+        early.pair_residual, early.residual)
+    solved = rk.solve(f, x, beta=0.8, max_steps=60, tol=0)
+    residual, _ = fixed_point_gaps(f, solved.z, x)
+    assert (residual < 1e-9).all() and not solved.at_two_cycle.any(), residual
+
+
+@pytest.mark.parametrize("options", [dict(reversal="float"), dict(reversal="exact"), dict(adjoint="unrolled")],
+                         ids=["float", "exact", "unrolled"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_the_stats_tell_a_two_cycle_sample_from_a_converged_one(options, dtype):
+    """One batch, half at the 2-cycle of -2 tanh (started off 0), half at its fixed point
+    (started at 0): ``at_two_cycle`` marks exactly the first half, with tol > 0 (the solve
+    runs to max_steps, the cycle never meets tol), in either reversal and unrolled. Other
+    solvers hold no y, and say None."""
+    f = TwoCycleMap().to(dtype)
+    x = torch.zeros(4, 3, dtype=dtype)
+    z0 = torch.cat([torch.full((2, 3), 0.3, dtype=dtype), torch.zeros(2, 3, dtype=dtype)])
+    sol = rk.solve(f, x, z0=z0, beta=0.5, max_steps=80, tol=1e-4, **options)
+    assert sol.steps == 80 and sol.at_two_cycle.tolist() == [True, True, False, False], (
+        sol.residual, sol.pair_residual)
+    converged = rk.solve(f, x, z0=torch.zeros_like(z0), beta=0.5, max_steps=80, tol=1e-4, **options)
+    assert converged.steps < 80 and not converged.at_two_cycle.any(), converged.pair_residual
+    deq = rk.DEQ(f, solver="anderson", max_steps=20)
+    deq(x)
+    assert deq.last_stats.pair_residual is None and deq.last_stats.at_two_cycle is None

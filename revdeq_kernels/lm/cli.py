@@ -83,7 +83,7 @@ def _depths(text: str | None, plot: str | None) -> list[int]:
 
 
 def _print_fixed_point_gaps(result: dict, windows: int) -> None:
-    from .evaluation import NOT_A_FIXED_POINT
+    from ..convergence import NOT_A_FIXED_POINT
 
     unconverged, cycles = result["not_fixed_point_windows"], result["two_cycle_windows"]
     if not unconverged:
@@ -149,6 +149,10 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"({_solver_name(model)}max_steps {cfg.max_steps}, tol {cfg.tol:g}); residual mean {result['residual_mean']:.3e} "
               f"max {result['residual_max']:.3e}; absolute (RMS) mean {result['abs_residual_mean']:.3e} "
               f"max {result['abs_residual_max']:.3e}")
+        if result.get("windows_at_two_cycle"):
+            print(f"  {result['windows_at_two_cycle']} of {result['windows']} windows ended at a 2-cycle of f, not a fixed "
+                  "point: the reversible iteration stands still there, so more steps do not help; "
+                  "inference_solver=anderson can reach f's own fixed point")
         if result.get("iteration_fallbacks"):
             print(f"  {result['iteration_fallbacks']} batch solve(s) missed tol with {model.accelerated_solver} and were "
                   "solved again by the reversible iteration")

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..convergence import NOT_A_FIXED_POINT, at_two_cycle
 from ..jacobian import iteration_rate, spectral_radius
 from .batches import eval_starts, window_batch
 from .config import LMConfig
@@ -22,13 +23,17 @@ def evaluate(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, 
     """Mean cross-entropy (nats/token) and perplexity over all windows of ``tokens`` or
     ``max_windows`` evenly spaced ones, sharded over the ranks; for a DEQ also the mean/max
     over batches of the solver steps, of the worst relative residual and of the worst
-    absolute one (the RMS of ``f(z*) - z*`` over a sequence's elements). Runs under a forked RNG, so evaluating does not
-    change the training run's random stream."""
+    absolute one (the RMS of ``f(z*) - z*`` over a sequence's elements), and, for the
+    reversible iteration, how many windows it left at a 2-cycle of f (its stats'
+    ``at_two_cycle``). Runs under a forked RNG, so evaluating does not change the training
+    run's random stream."""
     ddp = ddp or Dist()
     batch_size = batch_size or cfg.batch_size
-    starts = eval_starts(len(tokens), cfg.seq_len, max_windows)[ddp.rank::ddp.world]
-    # sums: loss, tokens, batches, solver steps, residual, absolute residual; maxima: the last three
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    all_starts = eval_starts(len(tokens), cfg.seq_len, max_windows)
+    starts = all_starts[ddp.rank::ddp.world]
+    # sums: loss, tokens, batches, 2-cycle windows, solver steps, residual, absolute residual;
+    # maxima: the last three
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
     maxima = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
@@ -39,22 +44,24 @@ def evaluate(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, 
                 logits = model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             stats = model.last_stats
-            solver = [0.0, 0.0, 0.0]
+            solver, cycles = [0.0, 0.0, 0.0], 0
             if stats is not None:  # the absolute residual as an RMS over a sequence's elements
                 solver = [stats.steps, stats.max_residual, stats.max_abs_residual / math.sqrt(x.shape[1] * cfg.d_model)]
-            sums += torch.tensor([float(loss), y.numel(), 1, *solver], dtype=torch.float64, device=device)
+                cycles = int(stats.at_two_cycle.sum()) if stats.at_two_cycle is not None else 0
+            sums += torch.tensor([float(loss), y.numel(), 1, cycles, *solver], dtype=torch.float64, device=device)
             maxima = torch.maximum(maxima, torch.tensor(solver, dtype=torch.float64, device=device))
     model.train(was_training)
     if ddp.world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    loss_sum, n_tokens, n_batches, steps_sum, residual_sum, abs_sum = sums.tolist()
+    loss_sum, n_tokens, n_batches, cycles, steps_sum, residual_sum, abs_sum = sums.tolist()
     loss = loss_sum / n_tokens
-    out = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(n_tokens)}
+    out = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(n_tokens), "windows": len(all_starts)}
     if model.is_deq:
         out.update(solver_steps_mean=steps_sum / n_batches, solver_steps_max=int(maxima[0]),
                    residual_mean=residual_sum / n_batches, residual_max=float(maxima[1]),
-                   abs_residual_mean=abs_sum / n_batches, abs_residual_max=float(maxima[2]))
+                   abs_residual_mean=abs_sum / n_batches, abs_residual_max=float(maxima[2]),
+                   windows_at_two_cycle=int(cycles))
     return out
 
 
@@ -68,14 +75,6 @@ def evaluate_depths(model: TransformerLM, tokens, cfg: LMConfig, device: torch.d
         with model.solver_settings(max_steps=steps, tol=0.0):
             rows.append({"steps": steps, **evaluate(model, tokens, cfg, device, max_windows=max_windows, ddp=ddp)})
     return rows
-
-
-# A window whose solution has a relative residual above this (the presets' tol) is not
-# called a fixed point of f; its estimates linearise f where the solve stopped.
-NOT_A_FIXED_POINT = 1e-3
-# ... and it rests at a 2-cycle of f when f(f(z)) returns to z this many times closer than
-# f(z) does: a converging transient has f(f(z)) - z ~ (J + I)(f(z) - z), of the residual's size.
-TWO_CYCLE_RATIO = 1e-2
 
 
 def fixed_point_gaps(f, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,11 +122,11 @@ def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: t
     model.train(was_training)
     residual, cycle_gap = torch.cat(residuals).double(), torch.cat(cycle_gaps).double()
     unconverged = residual > NOT_A_FIXED_POINT
-    at_two_cycle = unconverged & (cycle_gap <= TWO_CYCLE_RATIO * residual)
+    two_cycle = at_two_cycle(residual, cycle_gap)
     result = {"spectral_radius_windows": len(starts), "not_fixed_point_windows": int(unconverged.sum()),
-              "two_cycle_windows": int(at_two_cycle.sum()),
-              "two_cycle_gap_max": float(cycle_gap[at_two_cycle].max()) if at_two_cycle.any() else None,
-              "two_cycle_residuals": residual[at_two_cycle].tolist()}
+              "two_cycle_windows": int(two_cycle.sum()),
+              "two_cycle_gap_max": float(cycle_gap[two_cycle].max()) if two_cycle.any() else None,
+              "two_cycle_residuals": residual[two_cycle].tolist()}
     for name, values in measured.items():
         values = torch.cat(values).double()
         result |= {f"{name}_mean": float(values.mean()), f"{name}_max": float(values.max()),
