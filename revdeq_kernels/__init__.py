@@ -2,7 +2,7 @@
 
 from . import ops
 from .deq import DEQ
-from .jacobian import iteration_rate, spectral_radius
+from .jacobian import FixedPointGaps, fixed_point_gaps, iteration_rate, spectral_radius
 from .ops import backends
 from .penalties import jacobian_penalty, residual_penalty
 from .reversible import ReversibleDEQ, solve
@@ -12,4 +12,5 @@ from .stats import Solution, SolverStats
 __version__ = "0.1.0"
 
 __all__ = ["DEQ", "ReversibleDEQ", "solve", "SolveSettings", "Solution", "SolverStats", "backends", "ops",
-           "jacobian_penalty", "residual_penalty", "spectral_radius", "iteration_rate", "__version__"]
+           "jacobian_penalty", "residual_penalty", "spectral_radius", "iteration_rate",
+           "fixed_point_gaps", "FixedPointGaps", "__version__"]

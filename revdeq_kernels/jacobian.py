@@ -1,5 +1,6 @@
-"""f's Jacobian in z at a solution z*: the setup the Jacobian penalty and the spectral
-radius share, the spectral radius itself, and the reversible iteration's rate.
+"""f at a solution z*: the setup the Jacobian penalty and the spectral radius share, the
+spectral radius of f's Jacobian, the reversible iteration's rate, and whether z* is a fixed
+point of f or a 2-cycle.
 
 Is z* an equilibrium the iteration reaches and keeps? ``iteration_rate`` answers for the
 reversible iteration: the spectral radius of its linearised step, below 1 exactly when it
@@ -15,10 +16,12 @@ both)."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .convergence import RESIDUAL_EPS, at_two_cycle
 from .f_module import BufferSnapshot, bind_context, check_callable
 from .packing import Layout, PackedF, is_several
 from .settings import coupling
@@ -130,6 +133,36 @@ def iteration_rate(f, z, x, *, beta: float | None = None, iters: int = 100, vect
     # each eigenvalue of J gives two of the step whose product is (1 - b)^2, so the rate is at
     # least |1 - b|: where many share that modulus the subspace need not find one
     return rate.clamp(min=abs(1 - beta))
+
+
+class FixedPointGaps(NamedTuple):
+    """Per sample, shape [batch]: how far z is from a fixed point of f and from a 2-cycle."""
+
+    residual: Tensor  # ||f(z) - z|| / (1e-5 + ||f(z)||), as the solvers' stats measure it
+    cycle_gap: Tensor  # ||f(f(z)) - z|| / (1e-5 + ||z||)
+    at_two_cycle: Tensor  # residual above 1e-3 and cycle_gap below 1% of it
+
+
+def fixed_point_gaps(f, z, x, **context) -> FixedPointGaps:
+    """Is the state z a fixed point of f, or a 2-cycle (z = f(f(z)), f(z) != z)? Any solver
+    can stop at a 2-cycle: the reversible iteration rests at every one, for every beta (its
+    stats say so at no cost: ``at_two_cycle``), and so does the undamped iteration
+    z <- f(z). For a state any solver returned, this asks f itself: two evaluations, no
+    graph. A state still converging has both gaps of one size ((J + I)(f(z) - z) for the
+    second); at a 2-cycle the second is at rounding level.
+
+    ``f``, ``z``, ``x`` and ``context`` as for ``spectral_radius``: the block or the layer
+    holding it, tuples of tensors packed into one state. f's buffers are left as they were.
+    """
+    block, z, x = block_at(f, z, x, context)
+    with torch.no_grad(), BufferSnapshot(block):
+        fz = evaluate_at(block, z, x, "fixed_point_gaps")
+        ffz = evaluate_at(block, fz, x, "fixed_point_gaps")
+    acc = torch.promote_types(z.dtype, torch.float32)
+    norm = lambda t: torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=acc)
+    residual = norm(fz - z) / (RESIDUAL_EPS + norm(fz))
+    cycle_gap = norm(ffz - z) / (RESIDUAL_EPS + norm(z))
+    return FixedPointGaps(residual, cycle_gap, at_two_cycle(residual, cycle_gap))
 
 
 def _layer_beta(f) -> float:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import revdeq_kernels as rk
+from revdeq_kernels.convergence import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO
 from tests.helpers import ResidualBlock, TanhBlock
 
 F64 = torch.float64
@@ -278,8 +279,6 @@ def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_f
     """The reversible iteration stands still wherever y = f(z) and z = f(y): at f's fixed
     points (y = z), and at its 2-cycles, whatever beta. Its residual then stays put, and the
     rate and the spectral radius at z describe no equilibrium (docs/api.md)."""
-    from revdeq_kernels.convergence import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO
-    from revdeq_kernels.lm.evaluation import fixed_point_gaps
 
     f = TwoCycleMap()
     x = torch.zeros(3, 4, dtype=F64)
@@ -287,10 +286,10 @@ def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_f
     sol = rk.solve(f, x, z0=z0, beta=beta, max_steps=300, tol=0)
     p = 1.9150080481545
     assert torch.allclose(sol.z.abs(), torch.full_like(sol.z, p), atol=1e-9), f"beta {beta}: z = {sol.z[0].tolist()}"
-    residual, cycle_gap = fixed_point_gaps(f, sol.z, x)
+    residual, cycle_gap, at_two_cycle = rk.fixed_point_gaps(f, sol.z, x)
     assert torch.allclose(residual, torch.full_like(residual, 2.0), atol=1e-5), residual  # f(z) = -z
     assert cycle_gap.max() < 1e-12 and (cycle_gap <= TWO_CYCLE_RATIO * residual).all(), cycle_gap
-    assert (residual > NOT_A_FIXED_POINT).all()
+    assert (residual > NOT_A_FIXED_POINT).all() and at_two_cycle.all()
     # the solve's own stats say so, from the y it holds: y = f(z) while z != f(z)
     assert sol.at_two_cycle.all() and sol.pair_residual.max() < 1e-12, (sol.pair_residual, sol.residual)
     # the fixed point is there: a damped single-state iteration and Anderson reach it from z0
@@ -302,21 +301,43 @@ def test_the_reversible_iteration_rests_at_a_two_cycle_of_f_where_a_damped_one_f
 def test_a_converging_transient_is_not_taken_for_a_two_cycle():
     """A contractive block a few steps from its fixed point: f(f(z)) - z is of the size of
     f(z) - z, far above the 2-cycle criterion; solved to the end, it is a fixed point."""
-    from revdeq_kernels.convergence import NOT_A_FIXED_POINT, TWO_CYCLE_RATIO
-    from revdeq_kernels.lm.evaluation import fixed_point_gaps
 
     torch.manual_seed(0)
     f = TanhBlock(16).to(F64)
     x = torch.randn(4, 16, dtype=F64)
     early = rk.solve(f, x, beta=0.8, max_steps=2, tol=0)
-    residual, cycle_gap = fixed_point_gaps(f, early.z, x)
+    residual, cycle_gap, at_two_cycle = rk.fixed_point_gaps(f, early.z, x)
     assert (residual > NOT_A_FIXED_POINT).all() and (cycle_gap > 10 * TWO_CYCLE_RATIO * residual).all(), (
         residual, cycle_gap)
-    assert not early.at_two_cycle.any() and (early.pair_residual > 10 * TWO_CYCLE_RATIO * early.residual).all(), (
+    assert not at_two_cycle.any() and not early.at_two_cycle.any() and (early.pair_residual > 10 * TWO_CYCLE_RATIO * early.residual).all(), (
         early.pair_residual, early.residual)
     solved = rk.solve(f, x, beta=0.8, max_steps=60, tol=0)
-    residual, _ = fixed_point_gaps(f, solved.z, x)
-    assert (residual < 1e-9).all() and not solved.at_two_cycle.any(), residual
+    residual, _, at_two_cycle = rk.fixed_point_gaps(f, solved.z, x)
+    assert (residual < 1e-9).all() and not at_two_cycle.any() and not solved.at_two_cycle.any(), residual
+
+
+def test_fixed_point_gaps_finds_the_undamped_iterations_two_cycle_through_a_layer_and_tuple_states():
+    """z <- f(z) (a DEQ with solver="fixed_point", beta=1) also stops at the 2-cycle of
+    -2 tanh; its stats hold no y, so rk.fixed_point_gaps asks f, given the layer. A state of
+    two tensors is judged as one (both at the cycle, or one not)."""
+    f = TwoCycleMap()
+    x = torch.zeros(3, 4, dtype=F64)
+    deq = rk.DEQ(f, solver="fixed_point", beta=1.0, adjoint="unrolled", max_steps=100, tol=0)
+    z = deq(x, z0=torch.full((3, 4), 0.5, dtype=F64))
+    gaps = rk.fixed_point_gaps(deq, z, x)
+    assert gaps.at_two_cycle.all() and gaps.cycle_gap.max() < 1e-12, gaps
+    assert deq.last_stats.at_two_cycle is None
+
+    def pair(state, x):
+        return tuple(-2 * torch.tanh(part) for part in state)
+
+    at_cycle = torch.full((2, 3), 1.9150080481545, dtype=F64)
+    gaps = rk.fixed_point_gaps(pair, (at_cycle, at_cycle[:, :2].clone()), x[:2])
+    assert gaps.at_two_cycle.all(), gaps
+    gaps = rk.fixed_point_gaps(pair, (at_cycle, 0.5 * at_cycle[:, :2]), x[:2])
+    assert not gaps.at_two_cycle.any() and (gaps.residual > NOT_A_FIXED_POINT).all(), gaps
+    with pytest.raises(ValueError, match="fixed_point_gaps needs f"):
+        rk.fixed_point_gaps(lambda z, x: z[:, :2], x, x)
 
 
 @pytest.mark.parametrize("options", [dict(reversal="float"), dict(reversal="exact"), dict(adjoint="unrolled")],

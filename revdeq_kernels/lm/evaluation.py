@@ -7,10 +7,9 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
 
-from ..convergence import NOT_A_FIXED_POINT, at_two_cycle
-from ..jacobian import iteration_rate, spectral_radius
+from ..convergence import NOT_A_FIXED_POINT
+from ..jacobian import fixed_point_gaps, iteration_rate, spectral_radius
 from .batches import eval_starts, window_batch
 from .config import LMConfig
 from .model import TransformerLM
@@ -77,17 +76,6 @@ def evaluate_depths(model: TransformerLM, tokens, cfg: LMConfig, device: torch.d
     return rows
 
 
-def fixed_point_gaps(f, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per sample: the relative residual ``||f(z) - z|| / ||f(z)||`` and the 2-cycle gap
-    ``||f(f(z)) - z|| / ||z||``. The reversible iteration rests wherever y = f(z) and
-    z = f(y), so at f's fixed points (y = z) and also at its 2-cycles (y != z), for every
-    beta; there the first is large and the second is at rounding level."""
-    fz = f(z, x)
-    ffz = f(fz, x)
-    norm = lambda t: t.flatten(1).norm(dim=1)
-    return norm(fz - z) / (1e-5 + norm(fz)), norm(ffz - z) / (1e-5 + norm(z))
-
-
 def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: torch.device, windows: int,
                           *, batch_size: int | None = None) -> dict:
     """At the solution z* of each of ``windows`` evenly spaced windows (float32, no
@@ -96,7 +84,7 @@ def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: t
     (``rk.iteration_rate``: below 1, it converges to z* and stays there). Each as mean, max
     and the fraction of windows at 1 or above; and how many windows' z* is not a fixed point
     of f (relative residual above ``NOT_A_FIXED_POINT``), and how many of those rest at a
-    2-cycle of f (:func:`fixed_point_gaps`), where neither estimate describes an
+    2-cycle of f (``rk.fixed_point_gaps``), where neither estimate describes an
     equilibrium. Runs under a forked RNG, in eval mode."""
     if not model.is_deq:
         raise ValueError("the spectral radius is of a DEQ's block at its solution; this model is explicit")
@@ -104,7 +92,7 @@ def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: t
     starts = eval_starts(len(tokens), cfg.seq_len, windows)
     reversible = model.deq.settings.solver == "reversible"
     measured = {"spectral_radius": [], **({"iteration_rate": []} if reversible else {})}
-    residuals, cycle_gaps = [], []
+    residuals, cycle_gaps, two_cycles = [], [], []
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -113,16 +101,17 @@ def equilibrium_stability(model: TransformerLM, tokens, cfg: LMConfig, device: t
             with torch.no_grad():
                 z, x = model.solution(idx)
                 z, x = z.float(), x.float()
-                residual, cycle_gap = fixed_point_gaps(model.deq.f, z, x)
-            residuals.append(residual)
-            cycle_gaps.append(cycle_gap)
+                gaps = fixed_point_gaps(model.deq.f, z, x)
+            residuals.append(gaps.residual)
+            cycle_gaps.append(gaps.cycle_gap)
+            two_cycles.append(gaps.at_two_cycle)
             measured["spectral_radius"].append(spectral_radius(model.deq.f, z, x))
             if reversible:
                 measured["iteration_rate"].append(iteration_rate(model.deq.f, z, x, beta=model.deq.settings.beta))
     model.train(was_training)
     residual, cycle_gap = torch.cat(residuals).double(), torch.cat(cycle_gaps).double()
     unconverged = residual > NOT_A_FIXED_POINT
-    two_cycle = at_two_cycle(residual, cycle_gap)
+    two_cycle = torch.cat(two_cycles)
     result = {"spectral_radius_windows": len(starts), "not_fixed_point_windows": int(unconverged.sum()),
               "two_cycle_windows": int(two_cycle.sum()),
               "two_cycle_gap_max": float(cycle_gap[two_cycle].max()) if two_cycle.any() else None,
