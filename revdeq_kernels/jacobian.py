@@ -21,8 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .convergence import RESIDUAL_EPS, at_two_cycle
+from .convergence import at_two_cycle, relative_residual
 from .f_module import BufferSnapshot, bind_context, check_callable
+from .ops.reference import residual_norms
 from .packing import Layout, PackedF, is_several
 from .settings import coupling
 
@@ -158,10 +159,9 @@ def fixed_point_gaps(f, z, x, **context) -> FixedPointGaps:
     with torch.no_grad(), BufferSnapshot(block):
         fz = evaluate_at(block, z, x, "fixed_point_gaps")
         ffz = evaluate_at(block, fz, x, "fixed_point_gaps")
-    acc = torch.promote_types(z.dtype, torch.float32)
-    norm = lambda t: torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=acc)
-    residual = norm(fz - z) / (RESIDUAL_EPS + norm(fz))
-    cycle_gap = norm(ffz - z) / (RESIDUAL_EPS + norm(z))
+    # the solvers' own definition: ||a - b|| / (1e-5 + ||b||), summed as the stop test sums
+    residual = relative_residual(*residual_norms(z, fz))
+    cycle_gap = relative_residual(*residual_norms(ffz, z))
     return FixedPointGaps(residual, cycle_gap, at_two_cycle(residual, cycle_gap))
 
 
