@@ -6,10 +6,12 @@ one: the relative gradient error against autograd through the unrolled iteration
 weights, same inputs, same dtype) and the reconstruction error the backward reports (how
 far the rebuilt start lands from the truth; NaN when it is not finite).
 
-Two blocks: ``tanh`` (the README quick start's, contractive) and ``residual`` (z + 0.5
-MLP(LN(z + Wx)), the language model's shape: expansive, where a float reversal drifts).
-First, for each block, the spectral radius of df/dz at its solution (rk.spectral_radius)
-says which is which.
+Blocks: ``tanh`` (the README quick start's, contractive) and ``residual`` (z + 0.5
+MLP(LN(z + Wx)), the language model's shape: expansive, where a float reversal drifts), the
+default two; and two that users bring, ``torch_encoder`` (PyTorch's nn.TransformerEncoderLayer
+in eval mode, whose fused inference path runs only without a graph) and ``conv`` (a
+multiscale DEQ's conv + GroupNorm residual block on 8x8 maps). First, for each block, the
+spectral radius of df/dz at its solution (rk.spectral_radius) says which expand.
 """
 
 from __future__ import annotations
@@ -45,13 +47,35 @@ class ResidualBlock(nn.Module):
         return z + 0.5 * self.mlp(self.norm(z + self.inject(x)))
 
 
-BLOCKS = {"tanh": Block, "residual": ResidualBlock}
+class TorchEncoderBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True).eval()
+
+    def forward(self, z, x):
+        return self.layer(z + x)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(4, channels)
+
+    def forward(self, z, x):
+        return self.norm(z + self.conv2(torch.relu(self.conv1(z))) + x)
+
+
+# block: (its class, the input's dims between the batch and the width)
+BLOCKS = {"tanh": (Block, ()), "residual": (ResidualBlock, ()), "torch_encoder": (TorchEncoderBlock, (8,)),
+          "conv": (ConvBlock, None)}
 
 
 def block_and_input(block, dtype, width=32, batch=8):
     torch.manual_seed(0)
-    f = BLOCKS[block](width).to(dtype)
-    return f, torch.randn(batch, width, dtype=dtype, requires_grad=True)
+    cls, middle = BLOCKS[block]
+    shape = (batch, width, 8, 8) if middle is None else (batch, *middle, width)  # conv: channels first
+    return cls(width).to(dtype), torch.randn(shape, dtype=dtype, requires_grad=True)
 
 
 def jacobian_radius(block, beta, steps) -> torch.Tensor:
@@ -78,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--betas", default="0.5,0.8", help="comma-separated")
     parser.add_argument("--steps", default="4,8,16,32,64,128", help="comma-separated")
     parser.add_argument("--checkpoint-every", type=int, default=4)
-    parser.add_argument("--blocks", default="tanh,residual", help="comma-separated: tanh, residual")
+    parser.add_argument("--blocks", default="tanh,residual", help=f"comma-separated: {', '.join(BLOCKS)}")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows, radii = [], {}

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import fixed_point
 from .f_module import HeldBuffers, check_callable, module_of
 from .first_order import refuse_function_transforms
+from .kernel_choice import graph_kernels_only
 from .ops import STATE_DTYPES, resolve_backend
 from .packing import PackedF
 from .rng import EvaluationRNG
@@ -131,6 +132,7 @@ class Problem:
     params: list  # the tensors the backward differentiates
     buffers: HeldBuffers
     undeclared: UndeclaredInputs | None  # None: checked before, or no graph is wanted
+    differentiated: bool  # a backward follows: it may evaluate f again, under autograd
     stats: SolverStats = field(default_factory=SolverStats)
     ratio: fixed_point.Ratio | None = None  # 1 - beta as n/d: reversal="exact" only
     frac_bits: int = 0
@@ -143,7 +145,7 @@ class Problem:
         """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
         z_in = state if state.dtype == self.f_dtype else state.to(self.f_dtype)
         self.buffers.before_evaluation()
-        with self.rng.evaluation(index):
+        with self.rng.evaluation(index), graph_kernels_only(self.differentiated):
             try:
                 versions = _versions(z_in, x)
                 if index == 0 and self.undeclared is not None and not torch.is_grad_enabled():
@@ -250,12 +252,14 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
             raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
         start = z0.detach().to(state_dtype).contiguous()
     refuse_function_transforms(settings.adjoint)
+    differentiated = torch.is_grad_enabled() and (
+        x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params))
     backend = resolve_backend(settings.backend, x.device)
     problem = Problem(
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
         f_dtype=x.dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
         rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
-        params=params, buffers=HeldBuffers(f), stats=SolverStats(backend=backend),
+        params=params, buffers=HeldBuffers(f), differentiated=differentiated, stats=SolverStats(backend=backend),
         undeclared=UndeclaredInputs(f, params) if UndeclaredInputs.wanted(f) else None,
         ratio=fixed_point.beta_ratio(settings.beta) if settings.resolved_reversal == "exact" else None,
         frac_bits=(settings.frac_bits or fixed_point.default_frac_bits(x.dtype)) if settings.resolved_reversal == "exact" else 0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from . import ops
 from .convergence import ConvergenceMonitor, relative_residual
 from .fixed_point import (FLAG_NONFINITE, FRAC_BITS_RANGE, DigitPlanes, from_fixed, plane_capacity, range_limit,
                           to_fixed)
+from .kernel_choice import NONDETERMINISM, recomputation_suspect
 from .ops.reference import accumulation_dtype
 from .problem import Problem
 
@@ -59,29 +61,38 @@ def _worst(gaps: list[float]) -> float:
     return math.nan if any(math.isnan(g) for g in gaps) else max(gaps, default=0.0)
 
 
-def _warn_once(warned: weakref.WeakSet, f, message: str) -> None:
+def _warn_once(warned: weakref.WeakSet, f, message: str | Callable[[], str]) -> None:
+    """``message``, or the function that writes it (called only when the warning is given)."""
     try:
         if f in warned:
             return
         warned.add(f)
     except TypeError:  # not weak-referenceable: warn every time
         pass
-    warnings.warn(message, RuntimeWarning, stacklevel=1)
+    warnings.warn(message() if callable(message) else message, RuntimeWarning, stacklevel=1)
 
 
-def _unreplayed_randomness(problem: Problem) -> str:
-    """The first suspect when f's recomputation differs and the random streams are not replayed."""
-    if problem.rng.enabled:
-        return ""
-    return ("replay_rng=False, so any random op in f (dropout) draws other numbers in the backward's "
-            "recomputation than in the forward pass: set replay_rng=True, or make f deterministic. ")
+def _suspects(problem: Problem, probe: tuple[Tensor, Tensor]) -> str:
+    """Why f's recomputation differs from its forward evaluation, when that can be told:
+    random streams not replayed, or what ``recomputation_suspect`` measures at ``probe`` (f's
+    input state and x). "" when neither."""
+    if not problem.rng.enabled:
+        return ("replay_rng=False, so any random op in f (dropout) draws other numbers in the backward's "
+                "recomputation than in the forward pass: set replay_rng=True, or make f deterministic")
+    return recomputation_suspect(problem, *probe)
 
 
-def _warn_drift(problem: Problem, error: float, threshold: float) -> None:
-    _warn_once(_warned_drift, problem.f,
-               f"the reversible backward rebuilt the start state with a relative error of {error:.3g} (above "
-               f"{threshold:g}): the gradients are inexact. {_unreplayed_randomness(problem)}Use reversal='exact' "
-               "for bit-exact states, or checkpoint_every=K to restart the reconstruction every K steps")
+def _warn_drift(problem: Problem, error: float, threshold: float, probe: tuple[Tensor, Tensor]) -> None:
+    def message() -> str:
+        start = (f"the reversible backward rebuilt the start state with a relative error of {error:.3g} (above "
+                 f"{threshold:g}): the gradients are inexact")
+        suspect = _suspects(problem, probe)
+        if suspect:
+            return f"{start}: {suspect}"
+        return (f"{start}. Use reversal='exact' for bit-exact states, or checkpoint_every=K to restart the "
+                "reconstruction every K steps")
+
+    _warn_once(_warned_drift, problem.f, message)
 
 
 def _warn_resolution(problem: Problem, peak_units: int) -> None:
@@ -137,13 +148,14 @@ class FloatReversal:
 
     # ---------------------------------------------------------------- backward
     def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float | None,
-               checkpoint_gaps: list[float]) -> float:
+               checkpoint_gaps: list[float], probe: tuple[Tensor, Tensor]) -> float:
         """reconstruction_error: the worst gap to the true states, relative to ``scale``
-        (max |z_N|; None for the exact reversal, which needs it only on failure)."""
+        (max |z_N|; None for the exact reversal, which needs it only on failure). ``probe``, f's
+        input at z_N and x, is where a failure's cause is looked for."""
         error = _worst(checkpoint_gaps + [relative_gap(y, true_start, scale), relative_gap(z, true_start, scale)])
         threshold = drift_threshold(self.problem)
         if not math.isnan(error) and error > threshold:
-            _warn_drift(self.problem, error, threshold)
+            _warn_drift(self.problem, error, threshold, probe)
         return error
 
 
@@ -259,26 +271,32 @@ class ExactReversal(FloatReversal):
         self.emptied = []
 
     def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float | None,
-               checkpoint_gaps: list[float]) -> float:
-        if self._check_flags("backward recomputation"):
-            return math.nan  # the caller makes the gradients NaN
+               checkpoint_gaps: list[float], probe: tuple[Tensor, Tensor]) -> float:
+        if self.poisoned:  # flagged in the forward pass, under on_nonfinite="warn": the caller makes the gradients NaN
+            return math.nan
+        flags = self.flags.tolist()
+        # The inverse rebuilds the forward's states from the same f values: a state out of range
+        # or non-finite in the backward, when the forward had none, is f computing other bits.
+        flagged = max((n for n, bits in enumerate(flags) if bits), default=None)  # the first the backward reached
         h0 = to_fixed(true_start, self.problem.frac_bits)
         leftover = [p for p in self.emptied + [self.planes["y"].current, self.planes["z"].current] if p.any()]
         states_differ = not (torch.equal(y, h0) and torch.equal(z, h0))  # as integers: every bit
-        if states_differ or leftover:
-            units = float(h0.abs().max()) if h0.numel() else 0.0  # the scale, in grid units
-            units = max(units, 1.0)
+        if flagged is None and not states_differ and not leftover:
+            return 0.0
+        if flagged is not None:
+            kind = "non-finite" if flags[flagged] & FLAG_NONFINITE else "outside the exact range"
+            what = f"a state {kind} undoing step {flagged + 1} of {self.problem.stats.steps}, where the forward pass had none"
+        elif states_differ:
+            units = max(float(h0.abs().max()) if h0.numel() else 0.0, 1.0)  # the scale, in grid units
             error = max(relative_gap(y, h0, units), relative_gap(z, h0, units))
-            what = f"a start state {error:.3g} (relative to max |z0|) from the true one" if states_differ else \
-                "the start state but left digits in its planes"
-            raise RuntimeError(
-                f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
-                f"recomputation as in the forward pass. {_unreplayed_randomness(self.problem)}"
-                "Look for a nondeterministic kernel (atomics: index_add_, scatter_add_, some cuDNN/cuBLAS "
-                "algorithms; torch.use_deterministic_algorithms(True) names them), a random op that "
-                "replay_rng=True does not cover, or state f keeps between calls outside its buffers "
-                "(an attribute; buffers are held for the solve)")
-        return 0.0
+            what = f"a start state {error:.3g} (relative to max |z0|) from the true one"
+        else:
+            what = "the start state but left digits in its planes"
+        raise RuntimeError(
+            f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
+            "recomputation as in the forward pass: " + (_suspects(self.problem, probe) or (
+                "f gave the same bits on three evaluations at the solve's last state, with a graph and without, "
+                f"so {NONDETERMINISM}, or for a random op that replay_rng=True does not cover")))
 
 
 def make_reversal(problem: Problem) -> FloatReversal:

@@ -179,7 +179,8 @@ class _ReversibleFunction(torch.autograd.Function):
         bad = nonfinite.first_bad()
         if bad is not None:
             _report_backward_nonfinite(problem, bad)
-        stats.reconstruction_error = reversal.finish(y, z, true_start, scale, checkpoint_gaps)
+        stats.reconstruction_error = reversal.finish(y, z, true_start, scale, checkpoint_gaps,
+                                                    probe=(reversal.f_input(z_final), x))
         if problem.exact and math.isnan(stats.reconstruction_error):  # flagged, on_nonfinite="warn"
             for g in [gz, gy, grad_x, *grad_params]:
                 if g is not None:
@@ -237,10 +238,7 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
         return Solution(*unrolled_solve(problem, x, z0, start, keep))
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params)
-    )
-    if not needs_grad:
+    if not problem.differentiated:
         with torch.no_grad():
             z, states = forward_solve(problem, x, start, keep)
         return Solution(z, problem.stats, states)
