@@ -35,11 +35,15 @@ def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_drift_json(tmp_path, capsys):
     out = tmp_path / "drift.json"
-    assert bench_module("drift").main(["--steps", "4", "--betas", "0.5", "--blocks", "tanh", "--json", str(out)]) == 0
+    blocks = ["tanh", "torch_encoder", "conv"]
+    assert bench_module("drift").main(["--steps", "4", "--betas", "0.5", "--blocks", ",".join(blocks),
+                                       "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert_header(payload, out)
-    assert [r["reversal"] for r in payload["rows"]] == ["float", "exact"] * 2, payload["rows"]
+    assert [r["reversal"] for r in payload["rows"]] == ["float", "exact"] * 2 * len(blocks), payload["rows"]
     assert max(payload["spectral_radius"]["tanh"]) < 1, payload["spectral_radius"]
+    exact = [r for r in payload["rows"] if r["reversal"] == "exact"]
+    assert all(r["reconstruction_error"] == 0.0 for r in exact), exact
     assert f"commit {payload['header']['commit']}" in capsys.readouterr().out
 
 
