@@ -15,7 +15,7 @@ from torch import nn
 
 import revdeq_kernels as rk
 from revdeq_kernels.kernel_choice import graph_kernels_only
-from tests.helpers import TanhBlock, relative_error
+from tests.helpers import TanhBlock, devices, relative_error
 
 WIDTH = 32
 
@@ -48,9 +48,9 @@ BLOCKS = {"encoder_postln": lambda: EncoderBlock(False), "encoder_preln": lambda
           "multihead_attention": AttentionBlock}
 
 
-def block_and_input(name):
+def block_and_input(name, device):
     torch.manual_seed(0)
-    return BLOCKS[name]().eval(), torch.randn(3, 10, WIDTH)
+    return BLOCKS[name]().to(device).eval(), torch.randn(3, 10, WIDTH, device=device)
 
 
 def grads(f, x, **settings):
@@ -59,19 +59,20 @@ def grads(f, x, **settings):
     return torch.cat([g.flatten() for g in torch.autograd.grad(z.square().sum(), [x, *f.parameters()])])
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_torch_attention_in_eval_mode_reverses_bit_for_bit(name):
-    f, x = block_and_input(name)
+def test_torch_attention_in_eval_mode_reverses_bit_for_bit(name, device):
+    f, x = block_and_input(name, device)
     with torch.no_grad():
         inference = f(x, x)
     recorded = f(x, x)
     if torch.equal(inference, recorded.detach()):
-        pytest.skip(f"{name}: this torch computes the same bits with and without a graph; nothing to keep alike")
+        pytest.skip(f"{name} on {device}: this torch computes the same bits with and without a graph")
     truth = grads(copy.deepcopy(f).double(), x.double(), adjoint="unrolled")
     backprop = relative_error(grads(f, x, adjoint="unrolled"), truth)
     exact = relative_error(grads(f, x, reversal="exact"), truth)
     assert exact <= 10 * max(backprop, 1e-7), (
-        f"{name} in eval mode: the exact reversal's gradient error {exact:.3g} against float64 autograd is over "
+        f"{name} in eval mode on {device}: the exact reversal's gradient error {exact:.3g} against float64 autograd is over "
         f"10x float32 backprop's {backprop:.3g}")
     deq = rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0, reversal="float")
     with warnings.catch_warnings():
@@ -81,7 +82,7 @@ def test_torch_attention_in_eval_mode_reverses_bit_for_bit(name):
     trained_mode = rk.solve(f, x.clone().requires_grad_(), beta=0.5, max_steps=8, tol=0, reversal="float")
     trained_mode.z.sum().backward()
     assert deq.last_stats.reconstruction_error == trained_mode.stats.reconstruction_error, (
-        f"{name}: the float reversal drifted {deq.last_stats.reconstruction_error:.3g} in eval mode but "
+        f"{name} on {device}: the float reversal drifted {deq.last_stats.reconstruction_error:.3g} in eval mode but "
         f"{trained_mode.stats.reconstruction_error:.3g} in train mode (dropout 0: the same function)")
 
 
