@@ -59,7 +59,8 @@ class TorchEncoderBlock(nn.Module):
 class ConvBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.norm = nn.GroupNorm(4, channels)
 
     def forward(self, z, x):

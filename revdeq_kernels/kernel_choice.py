@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +24,7 @@ from .f_module import BufferSnapshot
 
 if TYPE_CHECKING:
     from .problem import Problem
+
 
 class _GraphKernelsOnly:
     """The switch's holder: off while any holder is inside, in any thread; restored by the last out."""

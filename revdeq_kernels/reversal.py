@@ -272,7 +272,7 @@ class ExactReversal(FloatReversal):
 
     def finish(self, y: Tensor, z: Tensor, true_start: Tensor, scale: float | None,
                checkpoint_gaps: list[float], probe: tuple[Tensor, Tensor]) -> float:
-        if self.poisoned:  # flagged in the forward pass, under on_nonfinite="warn": the caller makes the gradients NaN
+        if self.poisoned:  # flagged in the forward pass, on_nonfinite="warn": the caller makes the gradients NaN
             return math.nan
         flags = self.flags.tolist()
         # The inverse rebuilds the forward's states from the same f values: a state out of range
@@ -285,7 +285,8 @@ class ExactReversal(FloatReversal):
             return 0.0
         if flagged is not None:
             kind = "non-finite" if flags[flagged] & FLAG_NONFINITE else "outside the exact range"
-            what = f"a state {kind} undoing step {flagged + 1} of {self.problem.stats.steps}, where the forward pass had none"
+            what = (f"a state {kind} undoing step {flagged + 1} of {self.problem.stats.steps}, where the forward "
+                    "pass had none")
         elif states_differ:
             units = max(float(h0.abs().max()) if h0.numel() else 0.0, 1.0)  # the scale, in grid units
             error = max(relative_gap(y, h0, units), relative_gap(z, h0, units))

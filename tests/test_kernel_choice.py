@@ -72,8 +72,8 @@ def test_torch_attention_in_eval_mode_reverses_bit_for_bit(name, device):
     backprop = relative_error(grads(f, x, adjoint="unrolled"), truth)
     exact = relative_error(grads(f, x, reversal="exact"), truth)
     assert exact <= 10 * max(backprop, 1e-7), (
-        f"{name} in eval mode on {device}: the exact reversal's gradient error {exact:.3g} against float64 autograd is over "
-        f"10x float32 backprop's {backprop:.3g}")
+        f"{name} in eval mode on {device}: the exact reversal's gradient error {exact:.3g} against float64 "
+        f"autograd is over 10x float32 backprop's {backprop:.3g}")
     deq = rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0, reversal="float")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # drift on this expansive block: measured, not the point here
