@@ -82,6 +82,7 @@ def recomputation_suspect(problem: Problem, state: Tensor, x: Tensor) -> str:
                 "one. A module in f picks its kernel by torch.is_grad_enabled() or by whether its inputs "
                 "require grad (the fused inference paths of nn.MultiheadAttention and "
                 "nn.TransformerEncoderLayer are switched off for these solves already); make it take one "
-                "path in both (for scaled_dot_product_attention, pin its backend with "
-                "torch.nn.attention.sdpa_kernel)")
+                "path in both: for scaled_dot_product_attention, pin its backend with "
+                "torch.nn.attention.sdpa_kernel; an nn.LSTM on CPU runs oneDNN kernels that differ, so run the "
+                "forward and the backward under torch.backends.mkldnn.flags(enabled=False)")
     return ""

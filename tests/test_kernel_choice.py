@@ -202,3 +202,29 @@ def test_a_state_out_of_range_only_in_the_backward_is_named_a_recomputation_mism
                                            r"the forward pass had none: f did not compute the same bits.*"
                                            r"when autograd records it"):
         z.sum().backward()
+
+
+class LSTMBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(WIDTH, WIDTH, batch_first=True)
+
+    def forward(self, z, x):
+        return self.lstm(z + x)[0]
+
+
+def test_an_lstm_on_cpu_is_named_and_its_remedy_works():
+    torch.manual_seed(0)
+    f, x = LSTMBlock(), torch.randn(2, 5, WIDTH)
+    with torch.no_grad():
+        inference = f(x, x)
+    if torch.equal(inference, f(x, x).detach()):
+        pytest.skip("this torch's CPU LSTM computes the same bits with and without a graph")
+    deq = rk.ReversibleDEQ(f, beta=0.5, max_steps=12, tol=0, reversal="exact")
+    with pytest.raises(RuntimeError, match="when autograd records it.*torch.backends.mkldnn.flags"):
+        deq(x.clone().requires_grad_()).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # oneDNN's TF32 note when the flags are set
+        with torch.backends.mkldnn.flags(enabled=False):
+            deq(x.clone().requires_grad_()).sum().backward()
+    assert deq.last_stats.reconstruction_error == 0.0
