@@ -252,3 +252,29 @@ def test_float_reconstruction_error_is_nan_aware_and_drift_warns_once():
     drift = [w for w in caught if "reversal='exact'" in str(w.message) and "relative error" in str(w.message)]
     assert deq.last_stats.reconstruction_error > RECONSTRUCTION_WARNING
     assert len(drift) == 1, f"expected one drift warning for this f, got {len(drift)}"
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_the_layer_inside_activation_checkpointing_gets_the_same_gradients(reentrant):
+    """torch.utils.checkpoint around the layer (as in a large model's training) reruns the solve
+    during the backward, dropout included: the gradients must be those of the plain step."""
+    f, x = block_and_input(6, dropout=0.2)
+    f.train()
+    deq = rk.ReversibleDEQ(f, beta=0.5, max_steps=12, tol=0, reversal="exact")
+    inject = torch.nn.Linear(WIDTH, WIDTH)
+
+    def gradients(wrapped: bool) -> torch.Tensor:
+        torch.manual_seed(11)
+        f.zero_grad()
+        inject.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        step = lambda t: deq(inject(t)).square().sum()
+        loss = torch.utils.checkpoint.checkpoint(step, x_in, use_reentrant=reentrant) if wrapped else step(x_in)
+        loss.backward()
+        return torch.cat([x_in.grad.flatten()] + [p.grad.flatten() for p in [*f.parameters(), *inject.parameters()]])
+
+    plain = gradients(False)
+    wrapped = gradients(True)
+    assert torch.equal(wrapped, plain), (
+        f"under activation checkpointing (use_reentrant={reentrant}) the gradients moved by "
+        f"{relative_error(wrapped, plain):.3g} relative")
