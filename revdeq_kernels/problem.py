@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import fixed_point
-from .f_module import HeldBuffers, check_callable, module_of
+from .f_module import BufferSnapshot, HeldBuffers, check_callable, module_of
 from .first_order import refuse_function_transforms
 from .kernel_choice import graph_kernels_only
 from .ops import STATE_DTYPES, resolve_backend
@@ -39,6 +39,11 @@ def eager_under_compile(fn):
     except TypeError:  # torch before 2.8 takes no reason
         return torch.compiler.disable(fn)
 
+
+# Where to look when f computes other bits on two calls (a failed reversal's diagnosis).
+NONDETERMINISM = ("look for a nondeterministic kernel (atomics: index_add_, scatter_add_, some cuDNN/cuBLAS "
+                  "algorithms; torch.use_deterministic_algorithms(True) names them), or state f keeps between calls "
+                  "outside its buffers (an attribute; buffers are held for the solve)")
 
 _closures_checked: weakref.WeakSet = weakref.WeakSet()
 
@@ -170,6 +175,29 @@ class Problem:
                 raise
         self._check_output(out, state)
         return out
+
+    def recomputation_suspect(self, state: Tensor, x: Tensor) -> str:
+        """Why f's recomputation may differ from its forward evaluation, measured at ``state``:
+        f(state, x) evaluated twice without a graph and once with one, with the same random stream
+        and buffers. A sentence naming the cause, or "" when the three agree."""
+        with BufferSnapshot(self.f), self.autocast_context():
+            with torch.no_grad():
+                first, second = self.call_f(state, x, 1), self.call_f(state, x, 1)
+            with torch.enable_grad():
+                recorded = self.call_f(state.detach().requires_grad_(), x.detach(), 1).detach()
+        if not torch.equal(first, second):
+            return ("f computes other bits on two calls with the same input, random stream and buffers (measured "
+                    f"at the solve's last state): {NONDETERMINISM}")
+        if not torch.equal(second, recorded):
+            return ("f computes other bits when autograd records it than when it does not (measured at the solve's "
+                    "last state): the forward pass evaluates f without a graph, the backward's recomputation with "
+                    "one. A module in f picks its kernel by torch.is_grad_enabled() or by whether its inputs "
+                    "require grad (the fused inference paths of nn.MultiheadAttention and "
+                    "nn.TransformerEncoderLayer are switched off for these solves already); make it take one "
+                    "path in both: for scaled_dot_product_attention, pin its backend with "
+                    "torch.nn.attention.sdpa_kernel; an nn.LSTM on CPU runs oneDNN kernels that differ, so run the "
+                    "forward and the backward under torch.backends.mkldnn.flags(enabled=False)")
+        return ""
 
     def _check_output(self, out, state: Tensor) -> None:
         if not isinstance(out, Tensor):

@@ -24,9 +24,8 @@ from . import ops
 from .convergence import ConvergenceMonitor, relative_residual
 from .fixed_point import (FLAG_NONFINITE, FRAC_BITS_RANGE, DigitPlanes, from_fixed, plane_capacity, range_limit,
                           to_fixed)
-from .kernel_choice import NONDETERMINISM, recomputation_suspect
 from .ops.reference import accumulation_dtype
-from .problem import Problem
+from .problem import NONDETERMINISM, Problem
 
 # A float reversal that lands further than this from the true start (relative to max |z_N|)
 # has drifted enough to move the gradient: warn once per f (see docs/numerics.md). With
@@ -74,12 +73,12 @@ def _warn_once(warned: weakref.WeakSet, f, message: str | Callable[[], str]) -> 
 
 def _suspects(problem: Problem, probe: tuple[Tensor, Tensor]) -> str:
     """Why f's recomputation differs from its forward evaluation, when that can be told:
-    random streams not replayed, or what ``recomputation_suspect`` measures at ``probe`` (f's
+    random streams not replayed, or what ``Problem.recomputation_suspect`` measures at ``probe`` (f's
     input state and x). "" when neither."""
     if not problem.rng.enabled:
         return ("replay_rng=False, so any random op in f (dropout) draws other numbers in the backward's "
                 "recomputation than in the forward pass: set replay_rng=True, or make f deterministic")
-    return recomputation_suspect(problem, *probe)
+    return problem.recomputation_suspect(*probe)
 
 
 def _warn_drift(problem: Problem, error: float, threshold: float, probe: tuple[Tensor, Tensor]) -> None:
