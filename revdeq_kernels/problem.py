@@ -7,11 +7,13 @@ the same per-evaluation random stream, and the same checks on what f returns.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import fixed_point
 from .f_module import BufferSnapshot, HeldBuffers, check_callable, module_of
@@ -46,6 +48,22 @@ NONDETERMINISM = ("look for a nondeterministic kernel (atomics: index_add_, scat
                   "outside its buffers (an attribute; buffers are held for the solve)")
 
 _closures_checked: weakref.WeakSet = weakref.WeakSet()
+
+
+def _accepts_z_and_x(f) -> bool:
+    """Whether f's signature takes (z, x); asked only after f raised a TypeError, to tell a
+    one-argument f (torchdeq's and locuslab/deq's convention) from an error inside f."""
+    if isinstance(f, functools.partial) and isinstance(f.func, nn.Module):
+        f = functools.partial(f.func.forward, *f.args, **f.keywords)
+    elif isinstance(f, nn.Module):
+        f = f.forward
+    try:
+        inspect.signature(f).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): nothing to say
+        return True
+    return True
 
 
 def _as_is(t: Tensor) -> Tensor:
@@ -166,6 +184,11 @@ class Problem:
                     out = self.f(z_in, x)
                 _check_inputs_untouched(versions, z_in, x)
             except Exception as error:
+                if index == 0 and isinstance(error, TypeError) and not _accepts_z_and_x(self.f):
+                    raise TypeError(
+                        f"f is called as f(z, x), but its signature does not take two arguments ({error}); a "
+                        "one-argument f(z) that closes over x, as in torchdeq, becomes lambda z, x: f(z)"
+                    ) from error
                 if index == 0 and state.shape != x.shape and not isinstance(self.f, PackedF):  # a z0 unlike x
                     first = (str(error).strip().splitlines() or [""])[0]
                     raise ValueError(

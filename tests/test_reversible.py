@@ -403,6 +403,34 @@ def test_z0_feature_shape_mismatch_is_named_like_a_batch_mismatch():
         deq(torch.randn(4, 6), z0=torch.randn(4, 7))
 
 
+class OneArgument(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+
+    def forward(self, z):
+        return torch.tanh(self.lin(z))
+
+
+class RaisesInside(torch.nn.Module):
+    def forward(self, z, x):
+        return torch.tanh(z, x, x)  # a TypeError from f's body, not from its signature
+
+
+@pytest.mark.parametrize("adjoint", ["reversible", "unrolled"])
+@pytest.mark.parametrize("make_f", [lambda: (lambda z: torch.tanh(z)), OneArgument,
+                                    lambda: functools.partial(OneArgument())], ids=["lambda", "module", "partial"])
+def test_a_one_argument_f_is_named_with_the_wrapper_that_fixes_it(make_f, adjoint):
+    x = torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(TypeError, match=r"f is called as f\(z, x\), but its signature does not take two arguments "
+                                        r"\(.*\); a one-argument f\(z\) that closes over x, as in torchdeq, "
+                                        r"becomes lambda z, x: f\(z\)"):
+        rk.solve(make_f(), x, beta=0.5, max_steps=2, adjoint=adjoint)
+    with pytest.raises(TypeError, match="tanh") as raised:
+        rk.solve(RaisesInside(), x, beta=0.5, max_steps=2, adjoint=adjoint)
+    assert "f is called as" not in str(raised.value), "a TypeError inside f must reach the user as it is"
+
+
 def test_beta_near_1_warns_with_the_amplification_of_the_float_reversal():
     with pytest.warns(RuntimeWarning, match=r"beta=1.0000001 is 1e-07 from 1: .* multiplying rounding errors by "
                                             r"1e\+07 \(up to 1e\+56 over max_steps=8\)"):
