@@ -1,10 +1,13 @@
 // Pieces shared by the CUDA kernels of kernels.cu and exact.cu: block shape, 16-byte vector
-// access, the deterministic team reduction of per-sample sums and its second pass, grid
-// sizing, the launch, dtype dispatch. (kernels.cu's design comment explains the choices.)
+// access, the per-sample sums (task loop, deterministic team reduction, second pass, host-side
+// split), grid sizing, the launch, dtype dispatch. (kernels.cu's design comment explains the
+// choices.)
 // Internal linkage on purpose: each translation unit gets its own copy of every kernel below.
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #if defined(__CUDACC__)
 #include <c10/cuda/CUDAException.h>
 #endif
@@ -97,6 +100,45 @@ __device__ __forceinline__ void write_task_sums(int64_t task, double res, double
   }
 }
 
+// The task loop of the per-sample-sum kernels (kernels.cu's residual_kernel, exact.cu's
+// exact_residual_kernel). A team of `team` threads takes task t, elements [begin, end) of row
+// t / chunks (row_tasks.cuh): element(i, res, sq_f) adds the scalar head and tail, vector(k,
+// res, sq_f) the whole V-element vectors between. The team's lanes are then summed in a fixed
+// order and the task's sums written. Block-uniform: every thread runs the loop equally often,
+// as team_sum requires.
+template <int V, typename out_t, typename Element, typename Vector>
+__device__ __forceinline__ void sum_tasks(int64_t rows, int64_t cols, int64_t chunks, int team,
+                                          bool vectorized, Element element, Vector vector,
+                                          out_t* out_res, out_t* out_f, double* partial,
+                                          double (&shared)[2][kWarps]) {
+  const int lane = threadIdx.x % team;
+  const int teams_per_block = kThreads / team;
+  const int64_t tasks = rows * chunks;
+  const int64_t task_len = chunks == 1 ? cols : kChunk;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * teams_per_block; base < tasks;
+       base += static_cast<int64_t>(gridDim.x) * teams_per_block) {
+    const int64_t task = base + threadIdx.x / team;
+    double res = 0.0, sq_f = 0.0;
+    if (task < tasks) {
+      const auto [begin, head, body, end] =
+          row_tasks::task_span(task, cols, chunks, task_len, vectorized, V);
+      for (int64_t i = begin + lane; i < head; i += team) {
+        element(i, res, sq_f);
+      }
+      for (int64_t k = head / V + lane; k < body / V; k += team) {
+        vector(k, res, sq_f);
+      }
+      for (int64_t i = body + lane; i < end; i += team) {
+        element(i, res, sq_f);
+      }
+    }
+    team_sum(res, sq_f, team, shared);
+    if (task < tasks && lane == 0) {
+      write_task_sums(task, res, sq_f, out_res, out_f, partial);
+    }
+  }
+}
+
 // Second pass for split rows: out_*[row] = the row's chunk partials, in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -147,6 +189,41 @@ inline int team_size(int64_t vectors) {
   }
   return team;
 }
+
+// A per-sample sum over a [rows, cols] view as tasks (row_tasks.cuh): a row is one task, or
+// kChunk-element tasks when it is longer, whose double partials finish() then adds per row.
+struct RowSums {
+  int64_t rows, cols, chunks, task_len, tasks;
+  // Freed when the caller returns, while the kernels may still run: the caching allocator
+  // hands the block out again only in stream order, so nothing touches it before they finish.
+  at::Tensor partial;
+  double* partial_ptr;  // nullptr when chunks == 1: the first pass writes the row sums itself
+
+  // rows >= 1; cols may be 0, then every task is empty and writes 0.
+  explicit RowSums(const at::Tensor& t)
+      : rows(t.size(0)),
+        cols(t.numel() / rows),
+        chunks(cols > kChunk ? ceil_div(cols, kChunk) : 1),
+        task_len(chunks == 1 ? cols : kChunk),
+        tasks(rows * chunks),
+        partial(chunks > 1 ? at::empty({2 * tasks}, t.options().dtype(at::kDouble)) : at::Tensor()),
+        partial_ptr(chunks > 1 ? partial.mutable_data_ptr<double>() : nullptr) {}
+
+  // Threads per task for V-element vectors, and the grid for teams of that size.
+  int team(int V) const { return team_size(ceil_div(task_len, V)); }
+  int grid(int team, const Launch& launch) const {
+    return grid_for(ceil_div(tasks, kThreads / team), launch);
+  }
+
+  // The second pass, on split rows only.
+  template <typename acc_t>
+  void finish(acc_t* res, acc_t* sq_f, const Launch& launch) const {
+    if (chunks > 1) {
+      launch_kernel(finish_sums_kernel<acc_t>, grid_for(rows, launch), launch,
+                    partial_ptr, rows, chunks, res, sq_f);
+    }
+  }
+};
 
 }  // namespace
 }  // namespace revdeq::cuda

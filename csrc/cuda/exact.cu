@@ -23,7 +23,6 @@
 //   fixed-order team sums, chunk partials of long rows added in chunk order by a second
 //   kernel, no atomics, so the sums depend on the shapes and alignment only.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -82,9 +81,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // exact_kernel<false> over y plus the residual sums, from one read of z and f: reads y,
-// digits, z, f; writes y, digits. The task layout is kernels.cu's residual_kernel's: task t
-// covers elements [begin, end) of row t / chunks; with chunks == 1 its sums go straight to
-// out_*[row], else to partial[2t], partial[2t + 1].
+// digits, z, f; writes y, digits. The tasks and their sums are sum_tasks's (common.cuh), as
+// for kernels.cu's residual_kernel.
 template <class DivD, class DivAn, typename f_t>
 __global__ void __launch_bounds__(kThreads)
     exact_residual_kernel(int64_t* y, int64_t* digits, const int64_t* z, const f_t* f,
@@ -93,10 +91,6 @@ __global__ void __launch_bounds__(kThreads)
                           double* partial) {
   constexpr int V = kVec<int64_t, f_t>;
   __shared__ double shared[2][kWarps];
-  const int lane = threadIdx.x % team;
-  const int teams_per_block = kThreads / team;
-  const int64_t tasks = rows * chunks;
-  const int64_t task_len = chunks == 1 ? cols : kChunk;
   int32_t bits = 0;
 
   // A scalar element: z and f are read before y and digits are written.
@@ -111,48 +105,29 @@ __global__ void __launch_bounds__(kThreads)
     res += term_res;
     sq_f += term_f;
   };
-
-  // Block-uniform loop (every thread runs it equally often, as team_sum requires).
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * teams_per_block; base < tasks;
-       base += static_cast<int64_t>(gridDim.x) * teams_per_block) {
-    const int64_t task = base + threadIdx.x / team;
-    double res = 0.0, sq_f = 0.0;
-    if (task < tasks) {
-      const auto [begin, head, body, end] =
-          row_tasks::task_span(task, cols, chunks, task_len, vectorized, V);
-      for (int64_t i = begin + lane; i < head; i += team) {
-        add_element(i, res, sq_f);
-      }
-      for (int64_t k = head / V + lane; k < body / V; k += team) {
-        int64_t yv[V], bv[V], zv[V];
-        double fv[V];
-        load_vec(z + k * V, zv);
-        load_vec(f + k * V, fv);
-        load_vec(y + k * V, yv);
-        load_vec(digits + k * V, bv);
-        double part_res = 0.0, part_f = 0.0;
+  auto add_vector = [&](int64_t k, double& res, double& sq_f) {
+    int64_t yv[V], bv[V], zv[V];
+    double fv[V];
+    load_vec(z + k * V, zv);
+    load_vec(f + k * V, fv);
+    load_vec(y + k * V, yv);
+    load_vec(digits + k * V, bv);
+    double part_res = 0.0, part_f = 0.0;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          double term_res, term_f;
-          em::residual_terms(zv[j], fv[j], args.grid, term_res, term_f);
-          part_res = __dadd_rn(part_res, term_res);
-          part_f = __dadd_rn(part_f, term_f);
-          em::exact_element<false, DivD, DivAn>(yv[j], bv[j], fv[j], args, bits);
-        }
-        store_vec(y + k * V, yv);
-        store_vec(digits + k * V, bv);
-        res += part_res;
-        sq_f += part_f;
-      }
-      for (int64_t i = body + lane; i < end; i += team) {
-        add_element(i, res, sq_f);
-      }
+    for (int j = 0; j < V; ++j) {
+      double term_res, term_f;
+      em::residual_terms(zv[j], fv[j], args.grid, term_res, term_f);
+      part_res = __dadd_rn(part_res, term_res);
+      part_f = __dadd_rn(part_f, term_f);
+      em::exact_element<false, DivD, DivAn>(yv[j], bv[j], fv[j], args, bits);
     }
-    team_sum(res, sq_f, team, shared);
-    if (task < tasks && lane == 0) {
-      write_task_sums(task, res, sq_f, out_res, out_f, partial);
-    }
-  }
+    store_vec(y + k * V, yv);
+    store_vec(digits + k * V, bv);
+    res += part_res;
+    sq_f += part_f;
+  };
+  sum_tasks<V>(rows, cols, chunks, team, vectorized, add_element, add_vector, out_res, out_f,
+               partial, shared);
   record_flags(bits, flag);
 }
 
@@ -197,17 +172,8 @@ void exact(const at::Tensor& state, const at::Tensor& digits, const at::Tensor& 
 void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Tensor& z,
                     const at::Tensor& f_out, const at::Tensor& flags, const ExactParams& params,
                     const at::Tensor& sq_res, const at::Tensor& sq_f, const Launch& launch) {
-  const int64_t rows = y.size(0);
-  if (rows == 0) return;
-  const int64_t cols = y.numel() / rows;  // may be 0: every task is empty and writes 0
-  const int64_t chunks = cols > kChunk ? ceil_div(cols, kChunk) : 1;
-  const int64_t task_len = chunks == 1 ? cols : kChunk;
-  const int64_t tasks = rows * chunks;
-  // Freed at return while the kernels may still run: the caching allocator hands the block
-  // out again only in stream order, so nothing touches it before they finish.
-  const at::Tensor partial =
-      chunks > 1 ? at::empty({2 * tasks}, y.options().dtype(at::kDouble)) : at::Tensor();
-  double* partial_ptr = chunks > 1 ? partial.mutable_data_ptr<double>() : nullptr;
+  if (y.size(0) == 0) return;
+  const RowSums sums(y);
   double* res = sq_res.mutable_data_ptr<double>();
   double* sqf = sq_f.mutable_data_ptr<double>();
   const em::ExactArgs args = exact_args(params);
@@ -220,19 +186,17 @@ void exact_residual(const at::Tensor& y, const at::Tensor& digits, const at::Ten
     constexpr int V = kVec<int64_t, f_t>;
     const f_t* fp = f_out.const_data_ptr<f_t>();
     const bool vectorized = aligned16(yp) && aligned16(b) && aligned16(zp) && aligned16(fp);
-    const int team = team_size(ceil_div(task_len, V));
-    const int grid = grid_for(ceil_div(tasks, kThreads / team), launch);
+    const int team = sums.team(V);
+    const int grid = sums.grid(team, launch);
     em::with_divisors(magnitude(params.numerator), params.denominator, [&](auto dd, auto dan) {
       using DivD = decltype(dd);
       using DivAn = decltype(dan);
-      launch_kernel(exact_residual_kernel<DivD, DivAn, f_t>, grid, launch, yp, b, zp, fp, rows, cols,
-                    chunks, team, vectorized, args, flag, res, sqf, partial_ptr);
+      launch_kernel(exact_residual_kernel<DivD, DivAn, f_t>, grid, launch, yp, b, zp, fp,
+                    sums.rows, sums.cols, sums.chunks, team, vectorized, args, flag, res, sqf,
+                    sums.partial_ptr);
     });
   });
-  if (chunks > 1) {
-    launch_kernel(finish_sums_kernel<double>, grid_for(rows, launch), launch, partial_ptr, rows,
-                  chunks, res, sqf);
-  }
+  sums.finish(res, sqf, launch);
 }
 
 }  // namespace revdeq::cuda

@@ -23,7 +23,6 @@
 //   order. No atomics: the sums depend on the shapes, dtypes and pointer alignment only,
 //   never on the grid or the GPU, and repeat bit for bit.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -85,8 +84,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Reads z, f (and y); writes y when kUpdate: 2 streams (4 with the update), f read once.
-// Task t covers elements [begin, end) of row t / chunks; with chunks == 1 its sums go
-// straight to out_*[row], else to partial[2t], partial[2t + 1].
+// The tasks and their sums: sum_tasks (common.cuh).
 template <bool kUpdate, typename state_t, typename f_t, typename acc_t = acc_t_of<state_t>>
 __global__ void __launch_bounds__(kThreads)
     residual_kernel(state_t* y, const state_t* z, const f_t* f, int64_t rows, int64_t cols,
@@ -94,10 +92,6 @@ __global__ void __launch_bounds__(kThreads)
                     acc_t* out_res, acc_t* out_f, double* partial) {
   constexpr int V = kVec<state_t, f_t>;
   __shared__ double shared[2][kWarps];
-  const int lane = threadIdx.x % team;
-  const int teams_per_block = kThreads / team;
-  const int64_t tasks = rows * chunks;
-  const int64_t task_len = chunks == 1 ? cols : kChunk;
 
   // A scalar element: z and f are read before y is written (y may be z or f itself).
   auto add_element = [&](int64_t i, double& res, double& sq_f) {
@@ -109,50 +103,31 @@ __global__ void __launch_bounds__(kThreads)
     res += mul_rn(d, d);
     sq_f += mul_rn(fi, fi);
   };
-
-  // Block-uniform loop (every thread runs it equally often, as team_sum requires).
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * teams_per_block; base < tasks;
-       base += static_cast<int64_t>(gridDim.x) * teams_per_block) {
-    const int64_t task = base + threadIdx.x / team;
-    double res = 0.0, sq_f = 0.0;
-    if (task < tasks) {
-      const auto [begin, head, body, end] =
-          row_tasks::task_span(task, cols, chunks, task_len, vectorized, V);
-      for (int64_t i = begin + lane; i < head; i += team) {
-        add_element(i, res, sq_f);
-      }
-      for (int64_t k = head / V + lane; k < body / V; k += team) {
-        acc_t zv[V], fv[V];
-        load_vec(z + k * V, zv);
-        load_vec(f + k * V, fv);
-        if constexpr (kUpdate) {
-          acc_t yv[V];
-          load_vec(y + k * V, yv);
+  auto add_vector = [&](int64_t k, double& res, double& sq_f) {
+    acc_t zv[V], fv[V];
+    load_vec(z + k * V, zv);
+    load_vec(f + k * V, fv);
+    if constexpr (kUpdate) {
+      acc_t yv[V];
+      load_vec(y + k * V, yv);
 #pragma unroll
-          for (int j = 0; j < V; ++j) {
-            yv[j] = relax_one<false>(yv[j], fv[j], one_minus_b, b);
-          }
-          store_vec(y + k * V, yv);
-        }
-        acc_t part_res = 0, part_f = 0;
+      for (int j = 0; j < V; ++j) {
+        yv[j] = relax_one<false>(yv[j], fv[j], one_minus_b, b);
+      }
+      store_vec(y + k * V, yv);
+    }
+    acc_t part_res = 0, part_f = 0;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const acc_t d = sub_rn(zv[j], fv[j]);
-          part_res = fma_rn(d, d, part_res);
-          part_f = fma_rn(fv[j], fv[j], part_f);
-        }
-        res += part_res;
-        sq_f += part_f;
-      }
-      for (int64_t i = body + lane; i < end; i += team) {
-        add_element(i, res, sq_f);
-      }
+    for (int j = 0; j < V; ++j) {
+      const acc_t d = sub_rn(zv[j], fv[j]);
+      part_res = fma_rn(d, d, part_res);
+      part_f = fma_rn(fv[j], fv[j], part_f);
     }
-    team_sum(res, sq_f, team, shared);
-    if (task < tasks && lane == 0) {
-      write_task_sums(task, res, sq_f, out_res, out_f, partial);
-    }
-  }
+    res += part_res;
+    sq_f += part_f;
+  };
+  sum_tasks<V>(rows, cols, chunks, team, vectorized, add_element, add_vector, out_res, out_f,
+               partial, shared);
 }
 
 // Reads grad, vjp; writes grad, cotangent: 1 pass, 4 tensor-sized memory streams.
@@ -222,48 +197,36 @@ void relax(const at::Tensor& state, const at::Tensor& f_out, double beta, bool i
 
 void residual(const at::Tensor& y, const at::Tensor& z, const at::Tensor& f_out, double beta,
               const at::Tensor& sq_res, const at::Tensor& sq_f, const Launch& launch) {
-  const int64_t rows = z.size(0);
-  if (rows == 0) return;
-  const int64_t cols = z.numel() / rows;  // may be 0: every task is empty and writes 0
-  const int64_t chunks = cols > kChunk ? ceil_div(cols, kChunk) : 1;
-  const int64_t task_len = chunks == 1 ? cols : kChunk;
-  const int64_t tasks = rows * chunks;
-  // Freed at return while the kernels may still run: the caching allocator hands the block
-  // out again only in stream order, so nothing touches it before they finish.
-  const at::Tensor partial =
-      chunks > 1 ? at::empty({2 * tasks}, z.options().dtype(at::kDouble)) : at::Tensor();
-  double* partial_ptr = chunks > 1 ? partial.mutable_data_ptr<double>() : nullptr;
+  if (z.size(0) == 0) return;
+  const RowSums sums(z);
   REVDEQ_DISPATCH_STATE(z.scalar_type(), "revdeq_residual_cuda", [&] {
     using state_t = scalar_t;
     using acc_t = acc_t_of<state_t>;
+    acc_t* res = sq_res.mutable_data_ptr<acc_t>();
+    acc_t* sqf = sq_f.mutable_data_ptr<acc_t>();
     REVDEQ_DISPATCH_F(f_out.scalar_type(), "revdeq_residual_cuda", [&] {
       using f_t = scalar_t;
       constexpr int V = kVec<state_t, f_t>;
       state_t* yp = y.defined() ? y.mutable_data_ptr<state_t>() : nullptr;
       const state_t* zp = z.const_data_ptr<state_t>();
       const f_t* fp = f_out.const_data_ptr<f_t>();
-      acc_t* res = sq_res.mutable_data_ptr<acc_t>();
-      acc_t* sqf = sq_f.mutable_data_ptr<acc_t>();
       const bool vectorized = aligned16(zp) && aligned16(fp) && aligned16(yp);
-      const int team = team_size(ceil_div(task_len, V));
-      const int grid = grid_for(ceil_div(tasks, kThreads / team), launch);
+      const int team = sums.team(V);
+      const int grid = sums.grid(team, launch);
       const auto one_minus_b = static_cast<acc_t>(1.0 - beta);
       const auto b = static_cast<acc_t>(beta);
       if (y.defined()) {
-        launch_kernel(residual_kernel<true, state_t, f_t>, grid, launch, yp, zp, fp, rows, cols,
-                      chunks, team, vectorized, one_minus_b, b, res, sqf, partial_ptr);
+        launch_kernel(residual_kernel<true, state_t, f_t>, grid, launch, yp, zp, fp, sums.rows,
+                      sums.cols, sums.chunks, team, vectorized, one_minus_b, b, res, sqf,
+                      sums.partial_ptr);
       } else {
-        launch_kernel(residual_kernel<false, state_t, f_t>, grid, launch, nullptr, zp, fp, rows,
-                      cols, chunks, team, vectorized, one_minus_b, b, res, sqf, partial_ptr);
+        launch_kernel(residual_kernel<false, state_t, f_t>, grid, launch, nullptr, zp, fp,
+                      sums.rows, sums.cols, sums.chunks, team, vectorized, one_minus_b, b, res,
+                      sqf, sums.partial_ptr);
       }
     });
+    sums.finish(res, sqf, launch);
   });
-  if (chunks > 1) {
-    AT_DISPATCH_FLOATING_TYPES(sq_res.scalar_type(), "revdeq_residual_cuda_finish", [&] {
-      launch_kernel(finish_sums_kernel<scalar_t>, grid_for(rows, launch), launch, partial_ptr, rows,
-                    chunks, sq_res.mutable_data_ptr<scalar_t>(), sq_f.mutable_data_ptr<scalar_t>());
-    });
-  }
 }
 
 // grad x vjp x cotangent dtypes: 3 x 4 x 4 = 48 kernels. The cotangent's dtype is f's
