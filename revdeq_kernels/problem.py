@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -262,6 +263,32 @@ class Problem:
         enabled, dtype = self.autocast
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
+    @property
+    def computes_in_float16(self) -> bool:
+        """f runs in float16 (its input's dtype or autocast's): the precision whose losses
+        torch.amp.GradScaler scales, expecting some backward passes to overflow."""
+        enabled, dtype = self.autocast
+        return self.f_dtype == torch.float16 or (enabled and dtype == torch.float16)
+
+    def report_nonfinite_gradient(self, cause: str = "") -> None:
+        """An adjoint became non-finite while every state stayed finite, as autograd through
+        the same iteration would give it; the gradients keep the NaN or Inf. In float16 that
+        is loss scaling's overflow, which torch.amp.GradScaler finds in the gradients and skips:
+        a warning, shown once, whatever on_nonfinite. Otherwise on_nonfinite decides. ``cause``:
+        where it arose; none, the gradient arrived so from the loss."""
+        if self.computes_in_float16:
+            warnings.warn(
+                "a DEQ's gradient overflowed float16 (NaN or Inf in the backward's adjoint, every state finite) and "
+                "its gradients keep it, as autograd's do: torch.amp.GradScaler skips such a step and lowers its "
+                "scale. Without a GradScaler, scale the loss down or compute f in bfloat16 (shown once)",
+                RuntimeWarning, stacklevel=3)
+            return
+        message = ("the gradient through the DEQ became non-finite (NaN or Inf) while every state stayed finite: "
+                   + (cause or "dL/dz reached the DEQ's output non-finite, from the layers after it or the loss"))
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
 
 def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
     try:
@@ -282,6 +309,10 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         raise TypeError(f"x must be a floating-point tensor (f computes in x's dtype), got {x.dtype}")
     state_dtype = settings.state_dtype or (z0.dtype if isinstance(z0, Tensor) and z0.dtype in STATE_DTYPES
                                            else x.dtype)
+    if state_dtype == torch.float16 and settings.state_dtype is None:
+        # float16 x (a float16 model, or float16 autocast before the DEQ): float32 states, as autocast keeps
+        # sums in float32; float16's range (65504) is too short for states the steps accumulate into
+        state_dtype = torch.float32
     if state_dtype not in STATE_DTYPES:
         raise TypeError(
             f"states are kept in {state_dtype} (x's dtype) but must be one of {STATE_DTYPES}; "

@@ -43,28 +43,44 @@ def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
 
 
 class NonfiniteLog:
-    """One device scalar per reverse step: the float64 sum of the step's states and adjoints,
-    non-finite exactly when one of them holds a NaN or Inf (a float64 sum of float32 values
-    cannot overflow). Read once, after the sweep: no device sync per step."""
+    """Per record, two device scalars: the float64 sums of some adjoints and of some rebuilt
+    states, each non-finite exactly when one of its tensors holds a NaN or Inf (a float64 sum
+    of float32 values cannot overflow). Read once, after the sweep: no device sync per step."""
 
     def __init__(self):
-        self.sums: list[tuple[int, Tensor]] = []
+        self.records: list[tuple[int, str, Tensor]] = []
 
-    def record(self, step: int, *tensors: Tensor) -> None:
-        self.sums.append((step, torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()))
+    def record(self, step: int, adjoints: tuple[Tensor, ...], states: tuple[Tensor, ...] = (), *,
+               arriving: bool = False) -> None:
+        """``arriving``: the adjoints are cotangents as the loss hands them in, not the sweep's."""
+        sums = [torch.stack([t.sum(dtype=torch.float64) for t in group]).sum() if group
+                else adjoints[0].new_zeros((), dtype=torch.float64) for group in (adjoints, states)]
+        self.records.append((step, "arriving" if arriving else "gradient", torch.stack(sums)))
 
-    def first_bad(self) -> int | None:
-        if not self.sums:
+    def first_bad(self) -> tuple[int, str] | None:
+        """(step, "state") for the first record the backward reached with a non-finite rebuilt
+        state, else (step, "arriving" or "gradient") for the first with a non-finite adjoint,
+        else None. A state goes first: past a drifted state the adjoints are non-finite too."""
+        if not self.records:
             return None
-        finite = torch.isfinite(torch.stack([s for _, s in self.sums])).tolist()
-        return next((step for (step, _), ok in zip(self.sums, finite) if not ok), None)
+        finite = torch.isfinite(torch.stack([sums for *_, sums in self.records])).tolist()
+        bad_state = next((step for (step, *_), ok in zip(self.records, finite) if not ok[1]), None)
+        if bad_state is not None:
+            return bad_state, "state"
+        return next(((step, kind) for (step, kind, _), ok in zip(self.records, finite) if not ok[0]), None)
 
 
-def _report_backward_nonfinite(problem: Problem, step: int) -> None:
-    message = (f"the reversible backward became non-finite (NaN or Inf in a rebuilt state or an adjoint) "
-               f"at reverse step {step} of {problem.stats.steps}; "
-               + ("f's vector-Jacobian product overflowed" if problem.exact else
-                  "the float reconstruction drifted: use reversal='exact' or checkpoint_every=K"))
+def _report_backward_nonfinite(problem: Problem, step: int, kind: str) -> None:
+    steps = problem.stats.steps
+    if kind == "arriving":
+        problem.report_nonfinite_gradient(
+            "" if step == steps else f"the loss's gradient with respect to z after step {step} (states_at) is non-finite")
+        return
+    if kind == "gradient":
+        problem.report_nonfinite_gradient(f"f's vector-Jacobian product overflowed at reverse step {step} of {steps}")
+        return
+    message = (f"the reversible backward rebuilt a non-finite state (NaN or Inf) at reverse step {step} of {steps}: "
+               "the float reconstruction drifted; use reversal='exact' or checkpoint_every=K")
     if problem.on_nonfinite == "raise":
         raise FloatingPointError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -135,6 +151,7 @@ class _ReversibleFunction(torch.autograd.Function):
         scale = None if problem.exact else state_scale(z_final)  # exact compares as integers instead
         checkpoint_gaps: list[float] = []
         nonfinite = NonfiniteLog()
+        nonfinite.record(stats.steps, (gz,), arriving=True)
 
         def evaluate_with_vjp(state: Tensor, index: int):
             nonlocal grad_x
@@ -167,20 +184,27 @@ class _ReversibleFunction(torch.autograd.Function):
                 reversal.undo_y(y, f_z, n)                            # y_n
                 ops.adjoint_accumulate_(gz, vjp, cotangent, b, False, backend=backend)
                 if n in state_cotangents:  # gz is dL/dz_n through the iteration: add z_n's own
+                    nonfinite.record(n, (state_cotangents[n],), arriving=True)
                     gz.add_(state_cotangents[n])
                     cotangent.copy_(torch.mul(gz, b))
-                nonfinite.record(n, gz, gy, *(() if problem.exact else (y, z)))
+                nonfinite.record(n, (gz, gy), () if problem.exact else (y, z))
                 if n in checkpoints:  # restart from the stored states: drift bounded by K steps
                     y_true, z_true = checkpoints[n]
                     checkpoint_gaps += [relative_gap(y, y_true, scale), relative_gap(z, z_true, scale)]
                     y.copy_(y_true)
                     z.copy_(z_true)
         stats.nfe_backward = 2 * stats.steps
+        def finish() -> float:
+            return reversal.finish(y, z, true_start, scale, checkpoint_gaps, probe=(reversal.f_input(z_final), x))
+
+        # The exact reversal's kernels flag a state that went wrong, the cause, before the adjoints it spoiled
+        if problem.exact:
+            stats.reconstruction_error = finish()
         bad = nonfinite.first_bad()
         if bad is not None:
-            _report_backward_nonfinite(problem, bad)
-        stats.reconstruction_error = reversal.finish(y, z, true_start, scale, checkpoint_gaps,
-                                                    probe=(reversal.f_input(z_final), x))
+            _report_backward_nonfinite(problem, *bad)
+        if not problem.exact:
+            stats.reconstruction_error = finish()
         if problem.exact and math.isnan(stats.reconstruction_error):  # flagged, on_nonfinite="warn"
             for g in [gz, gy, grad_x, *grad_params]:
                 if g is not None:

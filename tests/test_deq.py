@@ -257,7 +257,7 @@ def test_nonfinite_adjoint_names_the_backward_pass():
     x = torch.randn(2, 4, dtype=F64, requires_grad=True)
     z = expansive(x)
     assert torch.isfinite(z).all()
-    with pytest.raises(FloatingPointError, match="implicit adjoint \\(backward pass\\)"):
+    with pytest.raises(FloatingPointError, match=r"the implicit adjoint's solve of u = .* went non-finite"):
         z.sum().backward()
 
 

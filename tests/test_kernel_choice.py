@@ -6,6 +6,7 @@ inference; an f that still branches on autograd's mode is named when a reversal 
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import warnings
 
@@ -183,22 +184,27 @@ def test_a_reversal_that_fails_names_the_cause_it_measured(branches):
 
 
 class RecomputedLarger(nn.Module):
-    """f whose recomputation under autograd is 1000x its forward value: the backward's inverse
-    leaves the fixed-point range, which the forward pass never did."""
+    """f whose recomputation under autograd is ``factor`` times its forward value: the
+    backward's inverse leaves the fixed-point range (1e3) or turns non-finite (inf), which the
+    forward pass never did."""
 
-    def __init__(self):
+    def __init__(self, factor: float):
         super().__init__()
-        self.inner = TanhBlock(WIDTH)
+        self.inner, self.factor = TanhBlock(WIDTH), factor
 
     def forward(self, z, x):
-        return self.inner(z, x) * (1e3 if torch.is_grad_enabled() else 1.0)
+        # z requires grad in the backward's recomputation only (the forward's first, checked
+        # evaluation records a graph on a detached z)
+        return self.inner(z, x) * (self.factor if z.requires_grad else 1.0)
 
 
-def test_a_state_out_of_range_only_in_the_backward_is_named_a_recomputation_mismatch():
+@pytest.mark.parametrize("factor, state", [(1e3, "outside the exact range"), (math.inf, "non-finite")])
+def test_a_state_gone_wrong_only_in_the_backward_is_named_a_recomputation_mismatch(factor, state):
+    # non-finite: its adjoints are too, and the state, the cause, is what gets named
     x = torch.randn(4, WIDTH, requires_grad=True)
-    deq = rk.ReversibleDEQ(RecomputedLarger(), beta=0.5, max_steps=40, tol=0, reversal="exact")
+    deq = rk.ReversibleDEQ(RecomputedLarger(factor), beta=0.5, max_steps=40, tol=0, reversal="exact")
     z = deq(x)
-    with pytest.raises(RuntimeError, match=r"rebuilt a state outside the exact range undoing step \d+ of 40, where "
+    with pytest.raises(RuntimeError, match=rf"rebuilt a state {state} undoing step \d+ of 40, where "
                                            r"the forward pass had none: f did not compute the same bits.*"
                                            r"when autograd records it"):
         z.sum().backward()

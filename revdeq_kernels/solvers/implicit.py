@@ -14,9 +14,11 @@ gradient (the equilibrium does not depend on the starting point).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..ops.reference import accumulation_dtype
@@ -47,12 +49,17 @@ class ImplicitAdjoint:
             (vjp,) = vjps_or_zeros(out, [z_in], u.to(out.dtype), retain_graph=True)
             return cotangent if vjp is None else cotangent + vjp.to(acc)
 
-        adjoint_problem = dataclasses.replace(
-            problem, beta=self.beta, max_steps=self.max_steps, tol=self.tol, state_dtype=acc, stats=self.stats)
+        # The adjoint solve raises on a non-finite u; report_nonfinite_gradient then decides.
+        adjoint_problem = dataclasses.replace(problem, beta=self.beta, max_steps=self.max_steps, tol=self.tol,
+                                              state_dtype=acc, stats=self.stats, on_nonfinite="raise")
         try:
             u = self.iterate(adjoint_problem, adjoint_map, cotangent.clone())
-        except FloatingPointError as error:
-            raise FloatingPointError(f"implicit adjoint (backward pass): {error}") from error
+        except FloatingPointError:
+            arrived = not bool(torch.isfinite(cotangent).all())
+            problem.report_nonfinite_gradient(
+                "" if arrived else "the implicit adjoint's solve of u = dL/dz* + J^T u went non-finite: f's "
+                "vector-Jacobian product overflowed, or the solve diverged")
+            u = torch.full_like(cotangent, math.nan)
         self.stats.nfe_forward = 1 + self.stats.steps  # VJPs in the solve
         problem.stats.nfe_backward = 1
         return out, u
