@@ -71,3 +71,23 @@ def test_cli_reports_config_errors_and_prints_the_config(capsys):
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     assert train_main(["--config", "tiny", "--print-config", "seq_len=64"]) == 0
     assert json.loads(capsys.readouterr().out)["seq_len"] == 64
+
+
+@pytest.mark.parametrize("amp, device, capability, expected", [
+    ("auto", "cpu", None, None),
+    ("auto", "cuda", (9, 0), "bfloat16"),   # H100 / H200: native bf16
+    ("auto", "cuda", (8, 0), "bfloat16"),   # A100
+    ("auto", "cuda", (7, 5), "float16"),    # T4: no native bf16, fp16 with loss scaling
+    ("auto", "cuda", (7, 0), "float16"),    # V100
+    ("bf16", "cpu", None, "bfloat16"),
+    ("fp16", "cpu", None, "float16"),
+    ("off", "cuda", (9, 0), None),
+])
+def test_amp_picks_the_autocast_dtype_by_device(monkeypatch, amp, device, capability, expected):
+    import torch
+
+    from revdeq_kernels.lm.runtime import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    got = amp_dtype(load_config("tiny", [f"amp={amp}"]), torch.device(device))
+    assert got == (None if expected is None else getattr(torch, expected)), f"amp={amp} on {device} {capability}: {got}"

@@ -9,16 +9,19 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from revdeq_kernels.lm.checkpoint import load_checkpoint
 from tests.test_lm_helpers import small_config
 
 RANK_MAIN = """
-import sys, torch
+import functools, sys, torch
 from revdeq_kernels.lm import LMConfig, train
 from revdeq_kernels.lm import training
 cfg = LMConfig(**{cfg!r})
+if cfg.amp == "fp16":  # overflow first, so that the ranks must skip the same steps
+    torch.amp.GradScaler = functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 40)
 rank = int(sys.argv[1])
 seen = []
 real = training.compute_loss
@@ -38,8 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
-    cfg = small_config(tmp_path, max_iters=4, eval_interval=2, checkpoint_interval=2, threads=1, dropout=0.1)
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_two_gloo_ranks_end_with_identical_weights(tmp_path, amp):
+    cfg = small_config(tmp_path, max_iters=4, eval_interval=2, checkpoint_interval=2, threads=1, dropout=0.1, amp=amp)
     from revdeq_kernels.lm import prepare_data
 
     prepare_data(cfg, log=lambda *a: None)  # build the cache once, outside the timed ranks
@@ -54,6 +58,9 @@ def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
         assert proc.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["step"] == r1["step"] == 4
+    if amp == "fp16":  # both ranks skipped the overflowing steps together, and saved the same scale
+        assert len(r0["batches"]) == len(r1["batches"]) > 4, "no fp16 step overflowed"
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["scaler"]["scale"] < 2.0 ** 40
     assert r0["batches"] != r1["batches"], "both ranks trained on the same windows"
     for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
         assert torch.equal(a, b), f"{name} differs between ranks: max |diff| {(a - b).abs().max():.3g}"

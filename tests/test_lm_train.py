@@ -137,3 +137,61 @@ def test_nonfinite_stop_names_prev_pt_when_last_pt_is_damaged(tmp_path, monkeypa
     assert result.stopped == "nonfinite", result.stopped
     stop = [m for m in messages if "non-finite loss" in m]
     assert stop and f"last good checkpoint is {tmp_path / 'run' / 'prev.pt'} (step 2)" in stop[0], messages
+
+
+@pytest.fixture
+def overflowing_scaler(monkeypatch):
+    """GradScaler starting at 2**40: fp16 steps overflow until it has lowered its scale, as a
+    real run's first steps may."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 40))
+
+
+def test_fp16_skips_overflowing_steps_then_trains(tmp_path, overflowing_scaler):
+    messages = []
+    result = train(small_config(tmp_path, amp="fp16", max_iters=30), log=messages.append)
+    losses = [result.losses[s] for s in range(1, 31)]
+    assert result.stopped == "done" and result.step == 30, (result.stopped, result.step, messages[-2:])
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, f"fp16 training loss did not fall by 1 nat: {losses}"
+    scales = [json.loads(line).get("loss_scale") for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
+    assert len(scales) == 30 and scales[0] < 2.0 ** 40, f"no overflowing step was skipped: scales {scales[:3]}"
+    assert load_checkpoint(result.out_dir / "last.pt")["scaler"]["scale"] == scales[-1]
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch, overflowing_scaler):
+    overrides = dict(amp="fp16", max_iters=12, checkpoint_interval=6, eval_interval=6)
+    full = train(small_config(tmp_path / "a", **overrides), **QUIET)
+    real_checkpoint = train_module.Trainer.checkpoint
+
+    def crash_after_step_6(trainer):
+        real_checkpoint(trainer)
+        if trainer.step == 6:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(train_module.Trainer, "checkpoint", crash_after_step_6)
+    cfg = small_config(tmp_path / "b", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, **QUIET)
+    saved_scale = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["scaler"]["scale"]
+    monkeypatch.undo()  # the crash and the 2**40 start: the resumed run's scale must come from the checkpoint
+    resumed = train(cfg, resume=True, **QUIET)
+    assert saved_scale < 2.0 ** 16, f"the run must have lowered its scale below the default first: {saved_scale}"
+    diffs = {s: resumed.losses[s] - full.losses[s] for s in range(7, 13)}
+    assert all(d == 0 for d in diffs.values()), f"resumed - uninterrupted fp16 losses: {diffs}"
+
+
+def test_fp16_that_overflows_every_step_stops_naming_amp(tmp_path, monkeypatch):
+    real = train_module.compute_loss
+
+    def objective_beyond_float32(model, x, y):
+        loss, objective = real(model, x, y)
+        return loss, objective * 1e35  # the reported loss stays finite; every scaled gradient overflows
+
+    monkeypatch.setattr(train_module, "compute_loss", objective_beyond_float32)
+    messages = []
+    result = train(small_config(tmp_path, amp="fp16", max_iters=40), log=messages.append)
+    assert result.stopped == "nonfinite" and result.step == 0, (result.stopped, result.step)
+    assert any(f"in {train_module.MAX_OVERFLOW_SKIPS} fp16 steps in a row" in m and "use amp=bf16 or amp=off" in m
+               for m in messages), messages

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import revdeq_kernels as rk
+from tests.helpers import devices
 
 WIDTH = 32
 OVERFLOW_WARNING = "overflowed float16"
@@ -56,17 +57,17 @@ ADJOINTS = {
 }
 
 
-def scaled_training_step(adjoint: str, init_scale: float):
+def scaled_training_step(adjoint: str, init_scale: float, device: str = "cpu"):
     """One float16-autocast step of a DEQ classifier under GradScaler: (whether the optimizer
     moved the parameters, the scale after the update, the warnings, the block's gradients)."""
     torch.manual_seed(0)
-    block, head = Block(), nn.Linear(WIDTH, 10)
+    block, head = Block().to(device), nn.Linear(WIDTH, 10).to(device)
     deq = ADJOINTS[adjoint](block)
     params = [*block.parameters(), *head.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    x, target = torch.randn(8, WIDTH), torch.randint(0, 10, (8,))
-    with torch.autocast("cpu", dtype=torch.float16):
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale)
+    x, target = torch.randn(8, WIDTH, device=device), torch.randint(0, 10, (8,), device=device)
+    with torch.autocast(device, dtype=torch.float16):
         loss = nn.functional.cross_entropy(head(deq(x)).float(), target)
     before = [p.detach().clone() for p in params]
     with warnings.catch_warnings(record=True) as caught:
@@ -78,9 +79,10 @@ def scaled_training_step(adjoint: str, init_scale: float):
     return moved, scaler.get_scale(), [str(w.message) for w in caught], [p.grad for p in block.parameters()]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("adjoint", ADJOINTS)
-def test_grad_scaler_skips_an_overflowing_step_as_with_autograd(adjoint):
-    moved, scale, messages, grads = scaled_training_step(adjoint, init_scale=2.0 ** 40)
+def test_grad_scaler_skips_an_overflowing_step_as_with_autograd(adjoint, device):
+    moved, scale, messages, grads = scaled_training_step(adjoint, 2.0 ** 40, device)
     assert not moved and scale == 2.0 ** 39, (
         f"{adjoint}: an overflowing float16 step must be skipped and the scale halved; moved={moved}, "
         f"scale={scale:g}, warnings={messages}")
@@ -89,9 +91,10 @@ def test_grad_scaler_skips_an_overflowing_step_as_with_autograd(adjoint):
         assert sum(OVERFLOW_WARNING in m for m in messages) == 1, messages
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("adjoint", ADJOINTS)
-def test_grad_scaler_steps_when_the_scale_fits(adjoint):
-    moved, scale, messages, grads = scaled_training_step(adjoint, init_scale=2.0 ** 8)
+def test_grad_scaler_steps_when_the_scale_fits(adjoint, device):
+    moved, scale, messages, grads = scaled_training_step(adjoint, 2.0 ** 8, device)
     assert moved and scale == 2.0 ** 8, f"{adjoint}: moved={moved}, scale={scale:g}, warnings={messages}"
     assert all(torch.isfinite(g).all() for g in grads)
     assert not any(OVERFLOW_WARNING in m for m in messages), messages

@@ -28,7 +28,7 @@ STATE_DTYPES = ("float32", "float64", "bfloat16")
 # Solvers that may replace the training solve at inference (null: the training solve itself);
 # they find the same fixed point in fewer evaluations, and mix positions within a step.
 INFERENCE_SOLVERS = ("anderson", "broyden")
-AMP_MODES = ("auto", "bf16", "off")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 # What defines the model's parameters or its data: a resumed run may not change these.
 MODEL_KEYS = ("vocab_size", "seq_len", "d_model", "n_heads", "mlp_ratio", "block", "method", "n_layers",
@@ -120,7 +120,7 @@ class LMConfig:
     seed: int = 1337
     out_dir: str = "runs/tiny"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    amp: str = "auto"               # auto (bf16 autocast on CUDA) | bf16 | off
+    amp: str = "auto"               # auto (CUDA: bf16 autocast, fp16 + loss scaling before sm_80) | bf16 | fp16 | off
     time_budget_s: float = 0.0      # stop after this much training wall-clock time (0: no limit)
     threads: int = 0                # torch.set_num_threads (0: leave torch's default)
     progress: bool = True           # tqdm progress bar (rank 0)

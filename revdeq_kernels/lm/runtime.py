@@ -1,4 +1,4 @@
-"""Where a run executes: the device, bf16 autocast, the process group, and RNG states.
+"""Where a run executes: the device, autocast, the process group, and RNG states.
 
 Multi-process runs are started by ``torchrun``, which describes the group in the
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); the backend is
@@ -54,11 +54,20 @@ def resolve_device(cfg: LMConfig, local_rank: int = 0) -> torch.device:
     return device
 
 
+def amp_dtype(cfg: LMConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of amp=bf16 / fp16, or of amp=auto on CUDA: bf16 where the GPU
+    computes it natively (sm_80 on), else fp16, which the trainer scales the loss for. None:
+    no autocast (amp=off, or auto off CUDA)."""
+    if cfg.amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+
 def autocast_for(cfg: LMConfig, device: torch.device):
-    """bf16 autocast on CUDA (amp=auto), or wherever amp=bf16; nothing otherwise."""
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = amp_dtype(cfg, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def rng_state(device: torch.device) -> dict:

@@ -1,6 +1,7 @@
 """Training: AdamW with linear warmup and cosine decay, gradient clipping and accumulation,
-bf16 autocast on CUDA, periodic validation, atomic checkpoints with exact resume, and
-data parallelism over ``torchrun`` processes.
+bf16 autocast on CUDA (fp16 with loss scaling where bf16 is not native), periodic
+validation, atomic checkpoints with exact resume, and data parallelism over ``torchrun``
+processes.
 
 Data parallelism wraps the whole language model in DistributedDataParallel. The DEQ
 evaluates its block many times per step, but the block's parameter gradients leave the
@@ -15,6 +16,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +32,12 @@ from .data import prepare_data
 from .evaluation import evaluate
 from .metrics import MetricsLogger, plot_losses, truncate_jsonl
 from .model import TransformerLM, compute_loss
-from .runtime import Dist, autocast_for, resolve_device, rng_state, set_rng_state, setup_distributed
+from .runtime import Dist, amp_dtype, autocast_for, resolve_device, rng_state, set_rng_state, setup_distributed
 from .sources import DataUnavailable
 from .tokenizer import Tokenizer
+
+# fp16 steps whose gradients overflow in a row before training stops: the loss scale has fallen by 2**32
+MAX_OVERFLOW_SKIPS = 32
 
 
 def warmup_cosine(warmup: int, total: int, floor: float):
@@ -130,6 +135,9 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / LAST
         self.step, self.train_seconds = 0, 0.0
+        # fp16's loss scaling: a step whose gradients overflow is skipped and the scale lowered
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(cfg, self.device) == torch.float16)
+        self.overflow_skips = 0  # in a row: this run's float16 cannot hold its gradients past MAX_OVERFLOW_SKIPS
         self.losses: dict[int, float] = {}
         self.val: dict[int, dict] = {}
         self.logger: MetricsLogger | None = None
@@ -204,6 +212,8 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):  # written by an fp16 run; another amp resumes without it
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
             self.sampler.load_state_dict(ckpt["data"][ddp.rank])
             set_rng_state(ckpt["rng"][ddp.rank], self.device)
@@ -259,21 +269,24 @@ class Trainer:
                 with no_sync:
                     with autocast_for(cfg, self.device):
                         loss, objective = compute_loss(self.wrapped, x, y)
-                    (objective / cfg.grad_accum).backward()
+                    with warnings.catch_warnings():
+                        if self.scaler.is_enabled():  # its overflows are this loop's to skip, and logged as loss_scale
+                            warnings.filterwarnings("ignore", "a DEQ's gradient overflowed float16", RuntimeWarning)
+                        self.scaler.scale(objective / cfg.grad_accum).backward()
                 loss_sum += loss.detach().double()
         if ddp.world > 1:
             dist.all_reduce(loss_sum)  # a NaN on any rank reaches every rank: all stop together
         return float(loss_sum) / (cfg.grad_accum * ddp.world)
 
-    def _stop_nonfinite(self, what: str, value: float) -> None:
+    def _stop_nonfinite(self, what: str, value: float, remedy: str = "Lower lr, raise warmup_iters, or keep the "
+                        "DEQ states in float64 (state_dtype=float64).") -> None:
         last = "none: no intact checkpoint was written yet"
         if self.ddp.main:  # the message must not fail on a damaged last.pt: name prev.pt then
             with contextlib.suppress(CheckpointError, FileNotFoundError):
                 ckpt, source, _ = self._newest_intact_checkpoint()
                 last = f"{source} (step {ckpt['step']})"
         self.log(f"\nnon-finite {what} ({value}) at step {self.step + 1}: training stopped before the "
-                 f"optimizer step. The last good checkpoint is {last}. Lower lr, raise warmup_iters, "
-                 "or keep the DEQ states in float64 (state_dtype=float64).")
+                 f"optimizer step. The last good checkpoint is {last}. {remedy}")
 
     def validate(self) -> dict:
         cfg = self.cfg
@@ -308,6 +321,7 @@ class Trainer:
             save_rotating(self.out, {
                 "config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "step": self.step, "train_seconds": self.train_seconds, "world_size": self.ddp.world,
                 "rng": [g[0] for g in gathered], "data": [g[1] for g in gathered],
                 "tokenizer": self.tokenizer.to_json(), "val": {str(k): v for k, v in self.val.items()},
@@ -352,15 +366,31 @@ class Trainer:
                     stopped = "nonfinite"
                     break
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: only measure
+                self.scaler.unscale_(self.optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-                if not math.isfinite(grad_norm):
+                if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
                     self._stop_nonfinite("gradient norm", grad_norm)
                     stopped = "nonfinite"
                     break
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.scheduler.step()
+                self.scaler.step(self.optimizer)  # with fp16, skipped when the gradients overflowed
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(grad_norm):  # fp16 overflow: no step taken, the scale lowered
+                    # The time counts, but the budget is checked after steps taken only, so that a run
+                    # out of time still validates and checkpoints its last step. Every rank skips alike:
+                    # their gradients are all-reduced.
+                    self.overflow_skips += 1
+                    self.train_seconds += time.perf_counter() - t0
+                    if self.overflow_skips == MAX_OVERFLOW_SKIPS:
+                        self._stop_nonfinite(f"gradient norm in {MAX_OVERFLOW_SKIPS} fp16 steps in a row (loss scale "
+                                             f"now {self.scaler.get_scale():.3g})", grad_norm,
+                                             "float16 cannot hold this model's gradients: use amp=bf16 or amp=off.")
+                        stopped = "nonfinite"
+                        break
+                    continue
+                self.overflow_skips = 0
+                self.scheduler.step()
                 self.step += 1
                 self.losses[self.step] = loss
                 if self.device.type == "cuda":
@@ -409,8 +439,9 @@ class Trainer:
             solver["penalty"] = float(self.model.last_penalty.detach())
         tokens_per_s = self.tokens_per_step / dt
         if self.logger is not None and (self.step % self.cfg.log_interval == 0 or self.step == self.cfg.max_iters):
+            scaling = {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
             self.logger.log({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens_per_s": tokens_per_s, "step_time_s": dt, **solver})
+                             "tokens_per_s": tokens_per_s, "step_time_s": dt, **solver, **scaling})
         if bar is not None:
             post = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
             if stats is not None:
