@@ -1,6 +1,7 @@
 """Reconstruction drift of the reversible backward, measured.
 
-`python bench/drift.py [--json PATH]` prints, for float64 and float32 states, several
+`python bench/drift.py [--json PATH]` prints, for float64 and float32 states (and with
+`--dtypes ...,float16-autocast`, float32 states with f under float16 autocast), several
 beta and step counts, for the float reversal (with and without checkpoints) and the exact
 one: the relative gradient error against autograd through the unrolled iteration (same
 weights, same inputs, same dtype) and the reconstruction error the backward reports (how
@@ -17,6 +18,7 @@ spectral radius of df/dz at its solution (rk.spectral_radius) says which expand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 
@@ -87,9 +89,16 @@ def jacobian_radius(block, beta, steps) -> torch.Tensor:
     return rk.spectral_radius(f, z, x.detach())
 
 
-def gradients(block, dtype, beta, steps, **settings):
+# what the table's "states and f" column names: (dtype of x, f's weights and the states; autocast dtype)
+DTYPES = {"float64": (torch.float64, None), "float32": (torch.float32, None),
+          "float16-autocast": (torch.float32, torch.float16)}
+
+
+def gradients(block, dtypes, beta, steps, **settings):
+    dtype, autocast = DTYPES[dtypes]
     f, x = block_and_input(block, dtype)
-    with warnings.catch_warnings():
+    precision = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with warnings.catch_warnings(), precision:
         warnings.simplefilter("ignore")  # the drift warning: this table is the measurement
         on_nonfinite = "raise" if settings.get("reversal") == "exact" else "warn"  # float: NaN rows, not errors
         sol = rk.solve(f, x, beta=beta, max_steps=steps, tol=0, on_nonfinite=on_nonfinite, **settings)
@@ -104,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", default="4,8,16,32,64,128", help="comma-separated")
     parser.add_argument("--checkpoint-every", type=int, default=4)
     parser.add_argument("--blocks", default="tanh,residual", help=f"comma-separated: {', '.join(BLOCKS)}")
+    parser.add_argument("--dtypes", default="float64,float32", help=f"comma-separated: {', '.join(DTYPES)}")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows, radii = [], {}
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
         print(f"# {block}: spectral radius of df/dz at the float64 solution after {max(steps_list)} steps, beta "
               f"{betas[0]}: median {radius.median():.3f}, max {radius.max():.3f} over the batch", flush=True)
     for block in args.blocks.split(","):
-        for dtype in (torch.float64, torch.float32):
+        for dtype in args.dtypes.split(","):
             for beta in betas:
                 for steps in steps_list:
                     truth, _ = gradients(block, dtype, beta, steps, adjoint="unrolled", reversal=None)
@@ -131,7 +141,7 @@ def main(argv=None) -> int:
                             continue
                         got, recon = gradients(block, dtype, beta, steps, **settings)
                         err = float((got - truth).norm() / truth.norm())
-                        row = dict(block=block, dtype=str(dtype).removeprefix("torch."), beta=beta, steps=steps,
+                        row = dict(block=block, dtype=dtype, beta=beta, steps=steps,
                                    reversal=name, grad_rel_error=err, reconstruction_error=recon)
                         rows.append(row)
                         print(f"| {block} | {row['dtype']} | {beta} | {steps} | {name} | {err:.2e} | {recon:.2e} |",

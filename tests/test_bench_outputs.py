@@ -36,11 +36,13 @@ def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_drift_json(tmp_path, capsys):
     out = tmp_path / "drift.json"
     blocks = ["tanh", "torch_encoder", "conv"]
+    dtypes = ["float64", "float32", "float16-autocast"]
     assert bench_module("drift").main(["--steps", "4", "--betas", "0.5", "--blocks", ",".join(blocks),
-                                       "--json", str(out)]) == 0
+                                       "--dtypes", ",".join(dtypes), "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert_header(payload, out)
-    assert [r["reversal"] for r in payload["rows"]] == ["float", "exact"] * 2 * len(blocks), payload["rows"]
+    assert [r["reversal"] for r in payload["rows"]] == ["float", "exact"] * len(dtypes) * len(blocks), payload["rows"]
+    assert [r["dtype"] for r in payload["rows"]][:6] == [d for d in dtypes for _ in range(2)], payload["rows"]
     assert max(payload["spectral_radius"]["tanh"]) < 1, payload["spectral_radius"]
     exact = [r for r in payload["rows"] if r["reversal"] == "exact"]
     assert all(r["reconstruction_error"] == 0.0 for r in exact), exact
