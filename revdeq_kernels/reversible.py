@@ -43,19 +43,20 @@ def _accumulate(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
 
 
 class NonfiniteLog:
-    """Per record, two device scalars: the float64 sums of some adjoints and of some rebuilt
-    states, each non-finite exactly when one of its tensors holds a NaN or Inf (a float64 sum
-    of float32 values cannot overflow). Read once, after the sweep: no device sync per step."""
+    """Per record, the float64 sums of some adjoints and of some rebuilt states, each
+    non-finite exactly when its tensor holds a NaN or Inf (a float64 sum of float32 values
+    cannot overflow). One small stack per record; read once, after the sweep: no device sync
+    per step."""
 
     def __init__(self):
-        self.records: list[tuple[int, str, Tensor]] = []
+        self.records: list[tuple[int, str, int]] = []  # (step, kind, how many of its sums are adjoints')
+        self.sums: list[Tensor] = []
 
     def record(self, step: int, adjoints: tuple[Tensor, ...], states: tuple[Tensor, ...] = (), *,
                arriving: bool = False) -> None:
         """``arriving``: the adjoints are cotangents as the loss hands them in, not the sweep's."""
-        sums = [torch.stack([t.sum(dtype=torch.float64) for t in group]).sum() if group
-                else adjoints[0].new_zeros((), dtype=torch.float64) for group in (adjoints, states)]
-        self.records.append((step, "arriving" if arriving else "gradient", torch.stack(sums)))
+        self.records.append((step, "arriving" if arriving else "gradient", len(adjoints)))
+        self.sums.append(torch.stack([t.sum(dtype=torch.float64) for t in (*adjoints, *states)]))
 
     def first_bad(self) -> tuple[int, str] | None:
         """(step, "state") for the first record the backward reached with a non-finite rebuilt
@@ -63,11 +64,17 @@ class NonfiniteLog:
         else None. A state goes first: past a drifted state the adjoints are non-finite too."""
         if not self.records:
             return None
-        finite = torch.isfinite(torch.stack([sums for *_, sums in self.records])).tolist()
-        bad_state = next((step for (step, *_), ok in zip(self.records, finite) if not ok[1]), None)
+        finite = torch.isfinite(torch.cat(self.sums)).tolist()
+        adjoints_ok, states_ok, start = [], [], 0
+        for (*_, n_adjoints), sums in zip(self.records, self.sums):
+            end = start + len(sums)
+            adjoints_ok.append(all(finite[start:start + n_adjoints]))
+            states_ok.append(all(finite[start + n_adjoints:end]))
+            start = end
+        bad_state = next((step for (step, *_), ok in zip(self.records, states_ok) if not ok), None)
         if bad_state is not None:
             return bad_state, "state"
-        return next(((step, kind) for (step, kind, _), ok in zip(self.records, finite) if not ok[0]), None)
+        return next(((step, kind) for (step, kind, _), ok in zip(self.records, adjoints_ok) if not ok), None)
 
 
 def _report_backward_nonfinite(problem: Problem, step: int, kind: str) -> None:
