@@ -147,9 +147,9 @@ class DEQ(nn.Module):
             or (s.adjoint == "unrolled" and z0 is not None and z0.requires_grad))
         if not needs_grad:
             with torch.no_grad():
-                return self._solve_without_graph(problem, x, start, keep)
+                return problem.as_output(self._solve_without_graph(problem, x, start, keep))
         if s.adjoint == "unrolled":
-            return self._solve_unrolled(problem, x, z0, start, keep)
+            return problem.as_output(self._solve_unrolled(problem, x, z0, start, keep))
         if s.adjoint == "implicit":
             self.last_adjoint_stats = SolverStats(backend=problem.backend)
             adjoint = ImplicitAdjoint(self._iterate(s.backward_solver), s.backward_beta, s.backward_max_steps,
@@ -160,8 +160,8 @@ class DEQ(nn.Module):
         with torch.no_grad():
             states = self._solve_without_graph(problem, x, start, keep)
         # z*, or each state of keep, gets the adjoint's backward from where it stands
-        return [AtEquilibriumFunction.apply(problem, versions, partial(_given, state), adjoint, x, *params)
-                for state in states]
+        return problem.as_output([AtEquilibriumFunction.apply(problem, versions, partial(_given, state), adjoint, x,
+                                                              *params) for state in states])
 
     def _solve_without_graph(self, problem, x: Tensor, start: Tensor, keep: tuple[int, ...] = ()) -> list[Tensor]:
         """[z*], or the states of ``keep``."""

@@ -148,6 +148,7 @@ class Problem:
     tol: float
     state_dtype: torch.dtype
     f_dtype: torch.dtype  # what f is fed: the dtype of x
+    output_dtype: torch.dtype  # what the solve returns: state_dtype, or float16 for float32 states chosen for a float16 x
     device: torch.device
     backend: str
     on_nonfinite: str
@@ -164,6 +165,11 @@ class Problem:
     @property
     def exact(self) -> bool:
         return self.ratio is not None
+
+    def as_output(self, states: list[Tensor]) -> list[Tensor]:
+        """The returned states in ``output_dtype``: a float16 x gets a float16 z back, as from
+        any layer of a ``.half()`` model, though the iteration kept float32 states."""
+        return [state if state.dtype == self.output_dtype else state.to(self.output_dtype) for state in states]
 
     def call_f(self, state: Tensor, x: Tensor, index: int) -> Tensor:
         """f(state, x) as evaluation number ``index`` (which fixes its random stream)."""
@@ -309,9 +315,11 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         raise TypeError(f"x must be a floating-point tensor (f computes in x's dtype), got {x.dtype}")
     state_dtype = settings.state_dtype or (z0.dtype if isinstance(z0, Tensor) and z0.dtype in STATE_DTYPES
                                            else x.dtype)
+    output_dtype = state_dtype
     if state_dtype == torch.float16 and settings.state_dtype is None:
         # float16 x (a float16 model, or float16 autocast before the DEQ): float32 states, as autocast keeps
-        # sums in float32; float16's range (65504) is too short for states the steps accumulate into
+        # sums in float32; float16's range (65504) is too short for states the steps accumulate into. z
+        # goes back in float16, so that the float16 layers after the DEQ accept it.
         state_dtype = torch.float32
     if state_dtype not in STATE_DTYPES:
         raise TypeError(
@@ -339,7 +347,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
     backend = resolve_backend(settings.backend, x.device)
     problem = Problem(
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
-        f_dtype=x.dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
+        f_dtype=x.dtype, output_dtype=output_dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
         rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
         params=params, buffers=HeldBuffers(f), differentiated=differentiated, stats=SolverStats(backend=backend),
         undeclared=UndeclaredInputs(f, params) if UndeclaredInputs.wanted(f) else None,

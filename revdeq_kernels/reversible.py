@@ -268,12 +268,13 @@ def solve(f, x, z0=None, *, settings: SolveSettings | None = None, parameters=No
     params = gradient_inputs(f, () if parameters is None else parameters)
     problem, start = make_problem(f, x, z0, settings, params)
     if settings.adjoint == "unrolled":
-        return Solution(*unrolled_solve(problem, x, z0, start, keep))
-    if not problem.differentiated:
+        z, _, states = unrolled_solve(problem, x, z0, start, keep)
+    elif not problem.differentiated:
         with torch.no_grad():
             z, states = forward_solve(problem, x, start, keep)
-        return Solution(z, problem.stats, states)
-    z, *states = _ReversibleFunction.apply(problem, settings.checkpoint_every, keep, x, z0, start, *params)
+    else:
+        z, *states = _ReversibleFunction.apply(problem, settings.checkpoint_every, keep, x, z0, start, *params)
+    z, *states = problem.as_output([z, *states])
     return Solution(z, problem.stats, states)
 
 

@@ -139,13 +139,23 @@ def test_vjp_overflow_in_float16_warns_even_with_on_nonfinite_raise(adjoint):
         ADJOINTS[adjoint](block)(torch.randn(4, WIDTH)).sum().backward()  # float32: the same raises
 
 
-def test_float16_input_keeps_float32_states():
-    deq = rk.ReversibleDEQ(Block().half(), beta=0.5, max_steps=4, tol=0)
-    x = torch.randn(4, WIDTH).half().requires_grad_()
-    z = deq(x)
-    assert z.dtype == torch.float32, f"float16 x: states (and z) must be float32, got {z.dtype}"
-    z.sum().backward()
-    assert x.grad.dtype == torch.float16 and torch.isfinite(x.grad).all()
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_float16_model_iterates_in_float32_and_returns_float16(adjoint):
+    # a .half() model: the layer after the DEQ takes only float16, so z must come back in it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), ADJOINTS[adjoint](Block()), nn.Linear(WIDTH, 10)).half()
+    x = torch.randn(4, WIDTH, dtype=torch.float16)
+    out = model(x)
+    assert out.dtype == torch.float16, f"{adjoint}: a float16 model must give float16 logits, got {out.dtype}"
+    out.float().sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g.dtype == torch.float16 and torch.isfinite(g).all() for g in grads), f"{adjoint}: gradients"
+    injected = model[0](x).detach()
+    z = model[1](injected)
+    wide = ADJOINTS[adjoint](model[1].f, state_dtype=torch.float32)(injected)
+    assert wide.dtype == torch.float32 and torch.equal(z, wide.half()), (
+        f"{adjoint}: z must be the float32 states' solve rounded once to float16; "
+        f"max |diff| {(z.float() - wide.half().float()).abs().max().item():.3g}")
     with pytest.raises(TypeError, match="state_dtype must be one of"):
         rk.ReversibleDEQ(Block(), state_dtype=torch.float16)
 
