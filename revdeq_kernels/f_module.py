@@ -1,5 +1,6 @@
 """What f is made of: the module behind it (parameters, buffers), the context keywords bound
-to it, and the buffers held still across the evaluations of one solve.
+to it, the buffers held still across the evaluations of one solve, and the tensors its module
+was bound to when solved.
 
 f may be an nn.Module, a functools.partial of one (the usual way to hand a block its
 context), a PackedF (a state of several tensors) around either, or a plain function; the
@@ -8,6 +9,7 @@ solve differentiates the module's trainable parameters plus the tensors declared
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -123,3 +125,47 @@ class BufferSnapshot:
     def __exit__(self, *exc):
         for buf, value in self.saved:
             buf.data.copy_(value)
+
+
+class SolvedBindings:
+    """The tensors f's module was bound to, by name, when a solve's forward pass ran: its
+    parameters and buffers.
+
+    ``torch.func.functional_call`` binds other tensors to a module for one call and puts the
+    originals back when it returns, before the loss's backward. The backward's recomputations
+    of f would then run with the originals: they would differentiate tensors f no longer reads
+    (None gradients for the tensors passed) and rebuild states with other weights. ``rebound()``
+    binds the forward's tensors again for the backward, as autograd's saved tensors would."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.tensors = {**dict(module.named_parameters(remove_duplicate=False)),
+                        **dict(module.named_buffers(remove_duplicate=False))}
+
+    @contextlib.contextmanager
+    def rebound(self):
+        current = {**dict(self.module.named_parameters(remove_duplicate=False)),
+                   **dict(self.module.named_buffers(remove_duplicate=False))}
+        changed = [name for name, t in self.tensors.items() if current.get(name) is not t]
+        previous = {}
+        try:
+            for name in changed:
+                previous[name] = self._bind(name, self.tensors[name])
+            yield
+        finally:
+            for name, t in previous.items():
+                self._bind(name, t)
+
+    def _bind(self, name: str, tensor: Tensor) -> Tensor:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = self.module.get_submodule(owner)
+        except AttributeError:
+            raise RuntimeError(f"f's module lost its submodule {owner!r} between the solve's forward pass and "
+                               "its backward, which recomputes f with the tensors it was solved with") from None
+        slots = module._parameters if leaf in module._parameters else module._buffers
+        if leaf not in slots:
+            raise RuntimeError(f"f's module lost {name!r} between the solve's forward pass and its backward, "
+                               "which recomputes f with the tensors it was solved with")
+        previous, slots[leaf] = slots[leaf], tensor
+        return previous

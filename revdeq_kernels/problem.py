@@ -7,6 +7,7 @@ the same per-evaluation random stream, and the same checks on what f returns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fixed_point
-from .f_module import BufferSnapshot, HeldBuffers, check_callable, module_of
+from .f_module import BufferSnapshot, HeldBuffers, SolvedBindings, check_callable, module_of
 from .first_order import refuse_function_transforms
 from .kernel_choice import graph_kernels_only
 from .ops import STATE_DTYPES, resolve_backend
@@ -158,6 +159,7 @@ class Problem:
     buffers: HeldBuffers
     undeclared: UndeclaredInputs | None  # None: checked before, or no graph is wanted
     differentiated: bool  # a backward follows: it may evaluate f again, under autograd
+    bindings: SolvedBindings | None  # f's module's tensors as solved; None: no module, or no backward
     stats: SolverStats = field(default_factory=SolverStats)
     ratio: fixed_point.Ratio | None = None  # 1 - beta as n/d: reversal="exact" only
     frac_bits: int = 0
@@ -244,14 +246,21 @@ class Problem:
 
     def parameter_versions(self) -> list[int]:
         """The version counters of the tensors the backward differentiates, for
-        ``check_parameters_unchanged`` (autograd's own check on saved tensors, for tensors the
+        ``as_solved`` (autograd's own check on saved tensors, for tensors the
         backward re-reads instead of saving)."""
         return [p._version for p in self.params]
 
-    def check_parameters_unchanged(self, versions: list[int]) -> None:
-        """Refuse a backward whose recomputations of f would use parameters modified in place
-        since the forward pass (an optimizer step, an EMA update before ``loss.backward()``):
-        they would differentiate another f than the one solved. Plain autograd refuses the same."""
+    @contextlib.contextmanager
+    def as_solved(self, versions: list[int]):
+        """For a backward: f's module bound to the tensors it was solved with (``SolvedBindings``),
+        after refusing parameters modified in place since the forward pass (an optimizer step,
+        an EMA update before ``loss.backward()``): the recomputations would differentiate
+        another f than the one solved. Plain autograd refuses the same."""
+        self._check_parameters_unchanged(versions)
+        with self.bindings.rebound() if self.bindings is not None else contextlib.nullcontext():
+            yield
+
+    def _check_parameters_unchanged(self, versions: list[int]) -> None:
         changed = [i for i, (p, version) in enumerate(zip(self.params, versions)) if p._version != version]
         if not changed:
             return
@@ -345,11 +354,14 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
     differentiated = torch.is_grad_enabled() and (
         x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params))
     backend = resolve_backend(settings.backend, x.device)
+    module = module_of(f)
     problem = Problem(
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
         f_dtype=x.dtype, output_dtype=output_dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
         rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
-        params=params, buffers=HeldBuffers(f), differentiated=differentiated, stats=SolverStats(backend=backend),
+        params=params, buffers=HeldBuffers(f), differentiated=differentiated,
+        bindings=SolvedBindings(module) if differentiated and module is not None else None,
+        stats=SolverStats(backend=backend),
         undeclared=UndeclaredInputs(f, params) if UndeclaredInputs.wanted(f) else None,
         ratio=fixed_point.beta_ratio(settings.beta) if settings.resolved_reversal == "exact" else None,
         frac_bits=(settings.frac_bits or fixed_point.default_frac_bits(x.dtype)) if settings.resolved_reversal == "exact" else 0,

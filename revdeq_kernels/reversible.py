@@ -122,8 +122,12 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     @first_order("the reversible adjoint")
     def backward(ctx, grad_z, *grad_states):
+        with ctx.problem.as_solved(ctx.parameter_versions):
+            return _ReversibleFunction.reverse_sweep(ctx, grad_z, grad_states)
+
+    @staticmethod
+    def reverse_sweep(ctx, grad_z, grad_states):
         problem: Problem = ctx.problem
-        problem.check_parameters_unchanged(ctx.parameter_versions)
         reversal: FloatReversal = ctx.reversal
         x, z_final, y_final, *rest = ctx.saved_tensors
         true_start = rest.pop(0) if ctx.z0_given else torch.zeros(z_final.shape, dtype=problem.state_dtype,
@@ -168,7 +172,7 @@ class _ReversibleFunction(torch.autograd.Function):
             out = problem.call_f(f_in, x_in, index)
             inputs = [f_in] + ([x_in] if needs_x else []) + params
             if out.requires_grad:
-                grads = torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
+                grads = _vjp(out, inputs, cotangent, step=index // 2)
             else:  # f ignores everything that needs a gradient
                 grads = (None,) * len(inputs)
             # Take x's and the parameters' shares before `cotangent` is overwritten: a vjp
@@ -224,6 +228,20 @@ class _ReversibleFunction(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params)]
         return (None, None, None, grad_x, grad_z0, None, *grad_params)
+
+
+def _vjp(out: Tensor, inputs: list[Tensor], cotangent: Tensor, step: int) -> tuple:
+    try:
+        return torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
+    except RuntimeError as error:
+        if "backward through the graph a second time" not in str(error):
+            raise
+        # A tensor f reads was computed once, with a graph, outside f: one reverse step's VJP freed it
+        raise RuntimeError(
+            f"the reversible backward differentiates f once per reverse step, and at reverse step {step} f read a "
+            "tensor whose graph an earlier step's backward had freed: a weight computed once outside f, as "
+            "torch.nn.utils.parametrize.cached() does while active. Leave cached() before calling backward() "
+            "(its documented pattern wraps the forward pass only), or compute the tensor inside f") from None
 
 
 @eager_under_compile

@@ -44,11 +44,11 @@ class AtEquilibriumFunction(torch.autograd.Function):
     @first_order("DEQ's implicit or phantom adjoint")
     def backward(ctx, grad_z):
         problem = ctx.problem
-        problem.check_parameters_unchanged(ctx.parameter_versions)
         x, z = ctx.saved_tensors
         params = problem.params
         needs_x = ctx.needs_input_grad[4]
-        with torch.enable_grad(), problem.autocast_context(), BufferSnapshot(problem.f):
+        with (problem.as_solved(ctx.parameter_versions), torch.enable_grad(), problem.autocast_context(),
+              BufferSnapshot(problem.f)):
             x_in = x.detach().requires_grad_(needs_x)
             out, cotangent = ctx.adjoint.backward_output(problem, z, x_in, grad_z)
             grads = vjps_or_zeros(out, ([x_in] if needs_x else []) + params, cotangent.to(out.dtype),

@@ -1,0 +1,125 @@
+"""The tensors bound to f's module when it is solved, and when the backward recomputes it.
+
+``torch.func.functional_call``: a DEQ run with tensors bound to its module for one call (fast
+weights in meta-learning, an ensemble member, an EMA copy) must differentiate those tensors.
+functional_call puts the module's own tensors back when it returns, before the loss's
+backward; the backward's recomputations of f must still use the tensors the forward solved
+with. Without that, the passed tensors got None gradients and the states were rebuilt with the
+other weights.
+
+``torch.nn.utils.parametrize``: a parametrized weight (orthogonal, spectral_norm, weight_norm)
+is recomputed at every call of f, or once under ``parametrize.cached()``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.utils.parametrize
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import revdeq_kernels as rk
+from tests.helpers import relative_error
+
+F64 = torch.float64
+WIDTH = 6
+
+LAYERS = {
+    "exact": lambda f: rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0, reversal="exact"),
+    "float": lambda f: rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0, reversal="float"),
+    "unrolled": lambda f: rk.ReversibleDEQ(f, beta=0.5, max_steps=8, tol=0, adjoint="unrolled"),
+    "implicit": lambda f: rk.DEQ(f, solver="anderson", max_steps=30, tol=1e-12, adjoint="implicit",
+                                 backward_tol=1e-12, backward_max_steps=60),
+    "phantom": lambda f: rk.DEQ(f, solver="fixed_point", beta=0.5, max_steps=8, tol=0, adjoint="phantom"),
+}
+
+
+class ScaledBlock(nn.Module):
+    """A residual block whose output is scaled by a buffer, so that a swapped buffer shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.inject = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.register_buffer("gain", torch.tensor(0.4))
+
+    def forward(self, z, x):
+        return z + self.gain * torch.tanh(self.mix(z) + self.inject(x)) - 0.5 * z
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_functional_call_differentiates_the_tensors_it_binds(layer):
+    torch.manual_seed(0)
+    deq = LAYERS[layer](ScaledBlock()).to(F64)
+    x = torch.randn(3, WIDTH, dtype=F64)
+    fast = {name: (p + 0.2 * torch.randn_like(p)).detach().requires_grad_()
+            for name, p in deq.named_parameters()}
+    bound = {**fast, "f.gain": torch.tensor(0.3, dtype=F64)}
+    torch.func.functional_call(deq, bound, (x,)).square().sum().backward()
+
+    # the reference: a copy that holds the bound tensors as its own
+    twin = copy.deepcopy(deq)
+    with torch.no_grad():
+        for name, t in bound.items():
+            twin.get_parameter(name).copy_(t) if name in fast else twin.get_buffer(name).copy_(t)
+    twin(x).square().sum().backward()
+
+    assert all(p.grad is None for p in deq.parameters()), f"{layer}: the module's own parameters got gradients"
+    for name, t in fast.items():
+        assert t.grad is not None, f"{layer}: the tensor bound as {name} got no gradient"
+        error = relative_error(t.grad, twin.get_parameter(name).grad)
+        assert error < 1e-10, f"{layer}: the gradient of {name} is {error:.3g} off the copy holding it"
+
+
+def test_the_module_keeps_its_own_tensors_after_the_backward():
+    deq = LAYERS["exact"](ScaledBlock())
+    own = {name: t for name, t in [*deq.named_parameters(), *deq.named_buffers()]}
+    bound = {name: t.detach().clone().requires_grad_(t.requires_grad) for name, t in own.items()}
+    torch.func.functional_call(deq, bound, (torch.randn(2, WIDTH),)).sum().backward()
+    now = dict([*deq.named_parameters(), *deq.named_buffers()])
+    swapped = [name for name in own if now[name] is not own[name]]
+    assert not swapped, f"the backward left {swapped} bound to functional_call's tensors"
+
+
+class ParametrizedBlock(nn.Module):
+    def __init__(self, parametrize):
+        super().__init__()
+        self.mix, self.inject = parametrize(nn.Linear(WIDTH, WIDTH)), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, z, x):
+        return z + 0.5 * torch.tanh(self.mix(z) + self.inject(x)) - 0.5 * z
+
+
+PARAMETRIZATIONS = {"orthogonal": parametrizations.orthogonal, "spectral_norm": parametrizations.spectral_norm,
+                    "weight_norm": parametrizations.weight_norm}
+
+
+def parametrized_gradients(parametrization: str, layer: str, cached: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    deq = LAYERS[layer](ParametrizedBlock(PARAMETRIZATIONS[parametrization])).to(F64)
+    x = torch.randn(3, WIDTH, dtype=F64)
+    if cached:  # parametrize.cached()'s documented pattern: the forward pass inside, the backward after
+        with torch.nn.utils.parametrize.cached():
+            z = deq(x)
+    else:
+        z = deq(x)
+    z.square().sum().backward()
+    return [p.grad for p in deq.parameters()]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["every call", "cached"])
+@pytest.mark.parametrize("parametrization", list(PARAMETRIZATIONS))
+@pytest.mark.parametrize("layer", ["exact", "float"])
+def test_parametrized_weights_get_the_unrolled_gradients(layer, parametrization, cached):
+    expected = parametrized_gradients(parametrization, "unrolled", cached)
+    actual = parametrized_gradients(parametrization, layer, cached)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        error = relative_error(a, e)
+        assert error < 1e-10, f"{layer}, {parametrization}: parameter {i}'s gradient is {error:.3g} off autograd's"
+
+
+def test_a_backward_inside_parametrize_cached_names_it():
+    deq = LAYERS["exact"](ParametrizedBlock(parametrizations.orthogonal))
+    with torch.nn.utils.parametrize.cached(), pytest.raises(RuntimeError, match=r"parametrize.cached\(\)"):
+        deq(torch.randn(2, WIDTH)).sum().backward()
