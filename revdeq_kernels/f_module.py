@@ -127,45 +127,76 @@ class BufferSnapshot:
             buf.data.copy_(value)
 
 
+_ABSENT = object()
+
+
 class SolvedBindings:
-    """The tensors f's module was bound to, by name, when a solve's forward pass ran: its
-    parameters and buffers.
+    """The tensors f's module was bound to when a solve's forward pass ran: its
+    parameters and buffers, and the weights derived from them that it keeps as plain
+    attributes.
 
     ``torch.func.functional_call`` binds other tensors to a module for one call and puts the
     originals back when it returns, before the loss's backward. The backward's recomputations
     of f would then run with the originals: they would differentiate tensors f no longer reads
     (None gradients for the tensors passed) and rebuild states with other weights. ``rebound()``
-    binds the forward's tensors again for the backward, as autograd's saved tensors would."""
+    binds the forward's tensors again for the backward, as autograd's saved tensors would.
+
+    A derived weight is one computed once per forward from parameters, with a graph, and read by
+    every evaluation of f: torchdeq's ``reset_norm`` (weight norm computed once per training
+    step), MDEQ's weight-norm ``reset()``. The reversible backward differentiates f once per
+    reverse step, and the first VJP through such a weight frees its graph, so that the second
+    raised. With ``leaves=True`` each one is bound as a detached leaf instead (``derived``): the
+    backward collects its gradient over every step, then sends it through the weight's graph
+    once (``gradients_through_derived``)."""
 
     def __init__(self, module: nn.Module):
-        self.module = module
-        self.tensors = {**dict(module.named_parameters(remove_duplicate=False)),
-                        **dict(module.named_buffers(remove_duplicate=False))}
+        modules = list(module.modules())
+        # per submodule, its slots as solved: (the slots dict, a copy of it)
+        self.slots = [(slots, dict(slots)) for m in modules for slots in (m._parameters, m._buffers) if slots]
+        self.derived = [(m, attribute, value) for m in modules for attribute, value in vars(m).items()
+                        if isinstance(value, Tensor) and value.grad_fn is not None
+                        and not isinstance(value, nn.Parameter)]
 
     @contextlib.contextmanager
-    def rebound(self):
-        current = {**dict(self.module.named_parameters(remove_duplicate=False)),
-                   **dict(self.module.named_buffers(remove_duplicate=False))}
-        changed = [name for name, t in self.tensors.items() if current.get(name) is not t]
-        previous = {}
+    def rebound(self, leaves: bool = False):
+        """Yields [(derived weight, the leaf bound in its place)], empty without ``leaves``."""
+        previous, attributes, stand_ins = [], [], []
         try:
-            for name in changed:
-                previous[name] = self._bind(name, self.tensors[name])
-            yield
+            for slots, solved in self.slots:
+                for name, tensor in solved.items():
+                    if slots.get(name, _ABSENT) is not tensor:
+                        previous.append((slots, name, slots.get(name, _ABSENT)))
+                        slots[name] = tensor
+            for module, attribute, weight in (self.derived if leaves else ()):
+                leaf = weight.detach().requires_grad_()
+                attributes.append((module, attribute, getattr(module, attribute, None)))
+                setattr(module, attribute, leaf)
+                stand_ins.append((weight, leaf))
+            yield stand_ins
         finally:
-            for name, t in previous.items():
-                self._bind(name, t)
+            for module, attribute, value in reversed(attributes):
+                setattr(module, attribute, value)
+            for slots, name, value in reversed(previous):
+                if value is _ABSENT:
+                    del slots[name]
+                else:
+                    slots[name] = value
 
-    def _bind(self, name: str, tensor: Tensor) -> Tensor:
-        owner, _, leaf = name.rpartition(".")
-        try:
-            module = self.module.get_submodule(owner)
-        except AttributeError:
-            raise RuntimeError(f"f's module lost its submodule {owner!r} between the solve's forward pass and "
-                               "its backward, which recomputes f with the tensors it was solved with") from None
-        slots = module._parameters if leaf in module._parameters else module._buffers
-        if leaf not in slots:
-            raise RuntimeError(f"f's module lost {name!r} between the solve's forward pass and its backward, "
-                               "which recomputes f with the tensors it was solved with")
-        previous, slots[leaf] = slots[leaf], tensor
-        return previous
+
+def gradients_through_derived(stand_ins: list[tuple[Tensor, Tensor]], gradients: list[Tensor | None],
+                              params: list[Tensor]) -> list[Tensor | None]:
+    """dL/dparams through the derived weights, from the gradients their stand-in leaves
+    collected: one pass through each weight's graph. The graph is kept (it is the forward's, as
+    the weight is), so that a second backward of a retained graph finds it."""
+    used = [(weight, g) for (weight, _), g in zip(stand_ins, gradients) if g is not None]
+    if not used or not params:
+        return [None] * len(params)
+    try:
+        return list(torch.autograd.grad([w for w, _ in used], params, [g.to(w.dtype) for w, g in used],
+                                        retain_graph=True, allow_unused=True))
+    except RuntimeError as error:
+        if "backward through the graph a second time" not in str(error):
+            raise
+        raise RuntimeError("a weight f's module derived from its parameters before the solve (a plain tensor "
+                           "attribute with a graph, such as torchdeq's reset_norm sets) had its graph freed "
+                           "before the DEQ's backward reached it; derive it again in each forward pass") from None

@@ -251,14 +251,18 @@ class Problem:
         return [p._version for p in self.params]
 
     @contextlib.contextmanager
-    def as_solved(self, versions: list[int]):
+    def as_solved(self, versions: list[int], leaves: bool = False):
         """For a backward: f's module bound to the tensors it was solved with (``SolvedBindings``),
         after refusing parameters modified in place since the forward pass (an optimizer step,
         an EMA update before ``loss.backward()``): the recomputations would differentiate
-        another f than the one solved. Plain autograd refuses the same."""
+        another f than the one solved. Plain autograd refuses the same. Yields the derived
+        weights bound as leaves (``leaves=True``), [(weight, leaf)]."""
         self._check_parameters_unchanged(versions)
-        with self.bindings.rebound() if self.bindings is not None else contextlib.nullcontext():
-            yield
+        if self.bindings is None:
+            yield []
+            return
+        with self.bindings.rebound(leaves) as stand_ins:
+            yield stand_ins
 
     def _check_parameters_unchanged(self, versions: list[int]) -> None:
         changed = [i for i, (p, version) in enumerate(zip(self.params, versions)) if p._version != version]

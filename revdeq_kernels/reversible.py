@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import ops
 from .first_order import first_order
 from .ops.reference import accumulation_dtype
-from .f_module import BufferSnapshot, attach_f, bind_context, gradient_inputs
+from .f_module import BufferSnapshot, attach_f, bind_context, gradient_inputs, gradients_through_derived
 from .packing import is_several, solve_several
 from .problem import Problem, eager_under_compile, make_problem
 from .reversal import (FloatReversal, forward_iteration, forward_solve, kept_states, make_reversal, relative_gap,
@@ -122,11 +122,11 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     @first_order("the reversible adjoint")
     def backward(ctx, grad_z, *grad_states):
-        with ctx.problem.as_solved(ctx.parameter_versions):
-            return _ReversibleFunction.reverse_sweep(ctx, grad_z, grad_states)
+        with ctx.problem.as_solved(ctx.parameter_versions, leaves=True) as stand_ins:
+            return _ReversibleFunction.reverse_sweep(ctx, grad_z, grad_states, stand_ins)
 
     @staticmethod
-    def reverse_sweep(ctx, grad_z, grad_states):
+    def reverse_sweep(ctx, grad_z, grad_states, stand_ins: list[tuple[Tensor, Tensor]]):
         problem: Problem = ctx.problem
         reversal: FloatReversal = ctx.reversal
         x, z_final, y_final, *rest = ctx.saved_tensors
@@ -140,7 +140,7 @@ class _ReversibleFunction(torch.autograd.Function):
             count_y = ctx.plane_counts[0]
             reversal.restore((planes[:count_y], planes[count_y:], *ctx.planes_used))
         b, backend, stats = problem.beta, problem.backend, problem.stats
-        params = problem.params
+        params = problem.params + [leaf for _, leaf in stand_ins]  # derived weights' gradients: collected, then sent on
         needs_x = ctx.needs_input_grad[3]
 
         z, y = z_final.clone(), y_final.clone()  # z_N may be referenced downstream: never mutate it
@@ -226,7 +226,10 @@ class _ReversibleFunction(torch.autograd.Function):
             grad_z0 = gz.add_(gy).to(ctx.z0_dtype)  # y_0 = z_0 = z0: both states start from z0
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params)]
+        own = len(problem.params)
+        through_derived = gradients_through_derived(stand_ins, grad_params[own:], problem.params)
+        grad_params = [_accumulate(g, extra) for g, extra in zip(grad_params[:own], through_derived)]
+        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, problem.params)]
         return (None, None, None, grad_x, grad_z0, None, *grad_params)
 
 
@@ -239,9 +242,10 @@ def _vjp(out: Tensor, inputs: list[Tensor], cotangent: Tensor, step: int) -> tup
         # A tensor f reads was computed once, with a graph, outside f: one reverse step's VJP freed it
         raise RuntimeError(
             f"the reversible backward differentiates f once per reverse step, and at reverse step {step} f read a "
-            "tensor whose graph an earlier step's backward had freed: a weight computed once outside f, as "
-            "torch.nn.utils.parametrize.cached() does while active. Leave cached() before calling backward() "
-            "(its documented pattern wraps the forward pass only), or compute the tensor inside f") from None
+            "tensor whose graph an earlier step's backward had freed: one computed once outside f and kept where "
+            "the DEQ does not look for it (torch.nn.utils.parametrize.cached() while active, a list or a closure). "
+            "Leave cached() before calling backward() (its documented pattern wraps the forward pass only), keep "
+            "such a weight as a plain attribute of f's module (it is then differentiated once), or compute the tensor inside f") from None
 
 
 @eager_under_compile

@@ -8,7 +8,11 @@ with. Without that, the passed tensors got None gradients and the states were re
 other weights.
 
 ``torch.nn.utils.parametrize``: a parametrized weight (orthogonal, spectral_norm, weight_norm)
-is recomputed at every call of f, or once under ``parametrize.cached()``."""
+is recomputed at every call of f, or once under ``parametrize.cached()``.
+
+A weight derived once per forward pass and kept as a plain attribute (torchdeq's
+``reset_norm``, MDEQ's weight-norm ``reset()``): every reverse step differentiates through it,
+and the first VJP used to free its graph, so that the second raised."""
 
 from __future__ import annotations
 
@@ -123,3 +127,58 @@ def test_a_backward_inside_parametrize_cached_names_it():
     deq = LAYERS["exact"](ParametrizedBlock(parametrizations.orthogonal))
     with torch.nn.utils.parametrize.cached(), pytest.raises(RuntimeError, match=r"parametrize.cached\(\)"):
         deq(torch.randn(2, WIDTH)).sum().backward()
+
+
+class ResetWeightNorm(nn.Module):
+    """torchdeq's weight norm: ``weight = v * g / ||v||`` derived once per training step by
+    ``reset()`` (torchdeq.norm.reset_norm), kept as a plain attribute and read by every call.
+    ``per_call=True`` derives it at every call instead: the same f, the usual way."""
+
+    def __init__(self, per_call: bool):
+        super().__init__()
+        self.per_call = per_call
+        self.weight_v = nn.Parameter(torch.randn(WIDTH, WIDTH) / WIDTH ** 0.5)
+        self.weight_g = nn.Parameter(torch.full((WIDTH, 1), 0.9))
+        self.bias = nn.Parameter(torch.zeros(WIDTH))
+        self.reset()
+
+    def reset(self):
+        self.weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, z):
+        if self.per_call:
+            self.reset()
+        return nn.functional.linear(z, self.weight, self.bias)
+
+
+def reset_training(layer: str, per_call: bool = False, steps: int = 3, retain: bool = False) -> list[torch.Tensor]:
+    """``steps`` SGD steps, each deriving the weight anew before the forward pass, as torchdeq's
+    training loop does: the parameters after them."""
+    torch.manual_seed(0)
+    deq = LAYERS[layer](ParametrizedBlock(lambda linear: ResetWeightNorm(per_call))).to(F64)
+    optimizer = torch.optim.SGD(deq.parameters(), lr=0.1)
+    for _ in range(steps):
+        deq.f.mix.reset()
+        loss = deq(torch.randn(3, WIDTH, dtype=F64)).square().sum()
+        optimizer.zero_grad()
+        if retain:  # a retained graph backpropagated twice: twice the gradient
+            loss.backward(retain_graph=True)
+        loss.backward()
+        optimizer.step()
+    return [p.detach().clone() for p in deq.parameters()]
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_a_weight_derived_once_per_step_trains_as_one_derived_per_call(layer):
+    expected = reset_training(layer, per_call=True)
+    actual = reset_training(layer)
+    for name, a, e in zip(("weight_v", "weight_g", "bias"), actual, expected):
+        error = relative_error(a, e)
+        assert error < 1e-10, f"{layer}: {name} after 3 steps is {error:.3g} off the same f deriving it per call"
+
+
+def test_a_derived_weight_survives_a_retained_graph():
+    expected = reset_training("exact", per_call=True, steps=1, retain=True)
+    actual = reset_training("exact", steps=1, retain=True)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert relative_error(a, e) < 1e-10, f"parameter {i}: {relative_error(a, e):.3g} off"
