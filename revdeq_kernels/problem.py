@@ -326,6 +326,9 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         raise ValueError("x must have a batch dimension (dim 0); got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (f computes in x's dtype), got {x.dtype}")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device, which holds no values: a solve reads its states' values (the "
+                         "stop test, the fixed-point states); run it on cpu or cuda tensors")
     state_dtype = settings.state_dtype or (z0.dtype if isinstance(z0, Tensor) and z0.dtype in STATE_DTYPES
                                            else x.dtype)
     output_dtype = state_dtype

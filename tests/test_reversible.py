@@ -586,6 +586,9 @@ def test_bad_x():
         deq(torch.ones(4, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="batch dimension"):
         deq(torch.tensor(1.0))
+    for layer in (deq, rk.DEQ(Block(), solver="anderson")):  # shape inference on meta tensors
+        with pytest.raises(ValueError, match="x is on the meta device"):
+            layer(torch.ones(4, 6, device="meta"))
 
 
 def test_nonfinite_state_raises_naming_the_step():
