@@ -120,6 +120,16 @@ class UndeclaredInputs:
             pass
 
 
+def _graph_inputs(*tensors: Tensor) -> list[Tensor]:
+    """The leaves that require grad (the backward's detached z and x) as views of themselves: a
+    module hook that registers gradient hooks on its inputs (the module trackers of
+    FlopCounterMode and FSDP) fails on a leaf under the backward's torch.autograd.grad ("A leaf
+    node was passed to _will_engine_execute_node")."""
+    if not torch.is_grad_enabled():
+        return list(tensors)
+    return [t.view_as(t) if t.is_leaf and t.requires_grad else t for t in tensors]
+
+
 def _versions(*tensors: Tensor) -> tuple:
     """Version counters (None for inference-mode tensors, which have none)."""
     return tuple(None if t.is_inference() else t._version for t in tensors)
@@ -190,7 +200,7 @@ class Problem:
                         self.undeclared.check(out)
                         out = out.detach()
                 else:
-                    out = self.f(z_in, x)
+                    out = self.f(*_graph_inputs(z_in, x))
                 _check_inputs_untouched(versions, z_in, x)
             except Exception as error:
                 if index == 0 and isinstance(error, TypeError) and not _accepts_z_and_x(self.f):

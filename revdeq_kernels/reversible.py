@@ -141,7 +141,7 @@ class _ReversibleFunction(torch.autograd.Function):
             reversal.restore((planes[:count_y], planes[count_y:], *ctx.planes_used))
         b, backend, stats = problem.beta, problem.backend, problem.stats
         params = problem.params + [leaf for _, leaf in stand_ins]  # derived weights' gradients: collected, then sent on
-        needs_x = ctx.needs_input_grad[3]
+        needs_x, needs_z0 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
 
         z, y = z_final.clone(), y_final.clone()  # z_N may be referenced downstream: never mutate it
         # Adjoints accumulate over every step: never narrower than float32 (bf16 states).
@@ -170,11 +170,15 @@ class _ReversibleFunction(torch.autograd.Function):
             f_in = (state.detach() if state.dtype == problem.f_dtype else state.to(problem.f_dtype))
             f_in.requires_grad_(True)
             out = problem.call_f(f_in, x_in, index)
-            inputs = [f_in] + ([x_in] if needs_x else []) + params
+            # f(z_0)'s VJP in z_0 only feeds dL/dz0: skipped without z0's gradient (one of 2N VJPs' halves)
+            wants_state = index > 0 or needs_z0
+            inputs = ([f_in] if wants_state else []) + ([x_in] if needs_x else []) + params
             if out.requires_grad:
                 grads = _vjp(out, inputs, cotangent, step=index // 2)
             else:  # f ignores everything that needs a gradient
                 grads = (None,) * len(inputs)
+            if not wants_state:
+                grads = (None, *grads)
             # Take x's and the parameters' shares before `cotangent` is overwritten: a vjp
             # may alias the cotangent (f = identity in some argument returns it as is).
             if needs_x:
@@ -222,7 +226,7 @@ class _ReversibleFunction(torch.autograd.Function):
                     g.fill_(math.nan)
 
         grad_z0 = None
-        if ctx.needs_input_grad[4]:
+        if needs_z0:
             grad_z0 = gz.add_(gy).to(ctx.z0_dtype)  # y_0 = z_0 = z0: both states start from z0
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)

@@ -12,7 +12,10 @@ is recomputed at every call of f, or once under ``parametrize.cached()``.
 
 A weight derived once per forward pass and kept as a plain attribute (torchdeq's
 ``reset_norm``, MDEQ's weight-norm ``reset()``): every reverse step differentiates through it,
-and the first VJP used to free its graph, so that the second raised."""
+and the first VJP used to free its graph, so that the second raised.
+
+Hooks that tools put on f's module: FlopCounterMode's module tracker registers gradient hooks
+on each call's inputs, which failed on the backward's leaf inputs under torch.autograd.grad."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import copy
 import pytest
 import torch
 import torch.nn.utils.parametrize
+from torch.utils.flop_counter import FlopCounterMode
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -182,3 +186,33 @@ def test_a_derived_weight_survives_a_retained_graph():
     actual = reset_training("exact", steps=1, retain=True)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert relative_error(a, e) < 1e-10, f"parameter {i}: {relative_error(a, e):.3g} off"
+
+
+class LinearBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, z, x):
+        return self.linear(z) + x
+
+
+@pytest.mark.parametrize("z0_grad", [False, True], ids=["z0=None", "z0 requires grad"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_flop_counter_mode_counts_the_training_step(layer, z0_grad):
+    torch.manual_seed(0)
+    deq, batch = LAYERS[layer](LinearBlock()).to(F64), 5  # float64: no drift, no diagnosis's extra calls
+    x = torch.randn(batch, WIDTH, dtype=F64, requires_grad=True)
+    z0 = torch.zeros(batch, WIDTH, dtype=F64, requires_grad=True) if z0_grad else None
+    with FlopCounterMode(display=False) as counter:
+        deq(x, z0).sum().backward()
+    per_matmul = 2 * batch * WIDTH * WIDTH
+    if layer in ("exact", "float"):
+        # 1 + 2N evaluations forward, 2N again backward, 2N VJPs of two matmuls each, less f(z_0)'s
+        # VJP in z_0 when z0 needs no gradient
+        steps = deq.last_stats.steps
+        expected = (1 + 8 * steps - (0 if z0_grad else 1)) * per_matmul
+        assert counter.get_total_flops() == expected, (
+            f"{layer}: counted {counter.get_total_flops()} FLOPs, expected {expected}")
+    else:
+        assert counter.get_total_flops() > 0
