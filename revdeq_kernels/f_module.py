@@ -45,7 +45,8 @@ def attach_f(layer: nn.Module, f) -> None:
 
 def gradient_inputs(f, declared=()) -> list[Tensor]:
     """What a solve's backward differentiates besides x and z0: the trainable parameters of
-    f's module, then the ``declared`` tensors that require grad (a context f closes over), once each."""
+    f's module, the weights it derived from them and keeps as plain attributes (torchdeq's
+    reset_norm), then the ``declared`` tensors that require grad (a context f closes over), once each."""
     if isinstance(declared, Tensor):
         raise TypeError(f"parameters must be a list of tensors, got one Tensor of shape {tuple(declared.shape)}: "
                         "pass parameters=[t]")
@@ -54,7 +55,9 @@ def gradient_inputs(f, declared=()) -> list[Tensor]:
         if not isinstance(t, Tensor):
             raise TypeError(f"parameters[{i}] is a {type(t).__name__}, not a Tensor")
     module = module_of(f)
-    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    # the weights derived before the solve: the backward differentiates up to them, and autograd
+    # takes their gradients on, through their graph, once (SolvedBindings)
+    params = [p for p in module.parameters() if p.requires_grad] + _derived_weights(module) if module is not None else []
     known = {id(p) for p in params}
     for t in declared:
         if t.requires_grad and id(t) not in known:
@@ -131,72 +134,64 @@ _ABSENT = object()
 
 
 class SolvedBindings:
-    """The tensors f's module was bound to when a solve's forward pass ran: its
-    parameters and buffers, and the weights derived from them that it keeps as plain
-    attributes.
+    """The tensors f's module was bound to when a solve's forward pass ran (its parameters and
+    buffers), bound again for the backward, each trainable parameter as a leaf alias.
 
     ``torch.func.functional_call`` binds other tensors to a module for one call and puts the
     originals back when it returns, before the loss's backward. The backward's recomputations
     of f would then run with the originals: they would differentiate tensors f no longer reads
     (None gradients for the tensors passed) and rebuild states with other weights. ``rebound()``
-    binds the forward's tensors again for the backward, as autograd's saved tensors would.
+    binds the forward's tensors again, as autograd's saved tensors would.
 
-    A derived weight is one computed once per forward from parameters, with a graph, and read by
-    every evaluation of f: torchdeq's ``reset_norm`` (weight norm computed once per training
-    step), MDEQ's weight-norm ``reset()``. The reversible backward differentiates f once per
-    reverse step, and the first VJP through such a weight frees its graph, so that the second
-    raised. With ``leaves=True`` each one is bound as a detached leaf instead (``derived``): the
-    backward collects its gradient over every step, then sends it through the weight's graph
-    once (``gradients_through_derived``)."""
+    The aliases (``detach()`` of each parameter, the same storage) are what the backward's
+    vector-Jacobian products differentiate. On the parameters themselves, autograd would run
+    their tensor hooks (``p.register_hook``: gradient masks and scales, wandb.watch) at every
+    one of the 2N VJPs and again on the sum the backward returns. A weight derived from the
+    parameters before the solve (torchdeq's reset_norm) is an input of the solve itself
+    (``gradient_inputs``); as no alias lies behind it, the VJPs stop there instead of freeing its
+    graph at the first reverse step."""
 
     def __init__(self, module: nn.Module):
-        modules = list(module.modules())
+        self.modules = list(module.modules())
         # per submodule, its slots as solved: (the slots dict, a copy of it)
-        self.slots = [(slots, dict(slots)) for m in modules for slots in (m._parameters, m._buffers) if slots]
-        self.derived = [(m, attribute, value) for m in modules for attribute, value in vars(m).items()
-                        if isinstance(value, Tensor) and value.grad_fn is not None
-                        and not isinstance(value, nn.Parameter)]
+        self.slots = [(slots, dict(slots)) for m in self.modules for slots in (m._parameters, m._buffers) if slots]
 
     @contextlib.contextmanager
-    def rebound(self, leaves: bool = False):
-        """Yields [(derived weight, the leaf bound in its place)], empty without ``leaves``."""
-        previous, attributes, stand_ins = [], [], []
+    def rebound(self, aliases: bool = False):
+        """Yields {id(parameter): the alias bound in its place}, empty without ``aliases``."""
+        previous, bound = [], {}
         try:
             for slots, solved in self.slots:
                 for name, tensor in solved.items():
                     if slots.get(name, _ABSENT) is not tensor:
                         previous.append((slots, name, slots.get(name, _ABSENT)))
                         slots[name] = tensor
-            for module, attribute, weight in (self.derived if leaves else ()):
-                leaf = weight.detach().requires_grad_()
-                attributes.append((module, attribute, getattr(module, attribute, None)))
-                setattr(module, attribute, leaf)
-                stand_ins.append((weight, leaf))
-            yield stand_ins
+            for module in (self.modules if aliases else ()):
+                for name, param in list(module._parameters.items()):
+                    if param is None or not param.requires_grad:
+                        continue
+                    if id(param) not in bound:
+                        bound[id(param)] = nn.Parameter(param.detach(), requires_grad=True)
+                    previous.append((module, name, param))
+                    # setattr, not the slot: modules that keep their own list of their weights
+                    # (nn.LSTM's _flat_weights) update it in __setattr__
+                    setattr(module, name, bound[id(param)])
+            yield bound
         finally:
-            for module, attribute, value in reversed(attributes):
-                setattr(module, attribute, value)
-            for slots, name, value in reversed(previous):
-                if value is _ABSENT:
-                    del slots[name]
+            for owner, name, value in reversed(previous):
+                if isinstance(owner, nn.Module):
+                    if isinstance(value, nn.Parameter):
+                        setattr(owner, name, value)
+                    else:  # a plain tensor functional_call bound, which setattr refuses
+                        owner._parameters[name] = value
+                elif value is _ABSENT:
+                    del owner[name]
                 else:
-                    slots[name] = value
+                    owner[name] = value
 
 
-def gradients_through_derived(stand_ins: list[tuple[Tensor, Tensor]], gradients: list[Tensor | None],
-                              params: list[Tensor]) -> list[Tensor | None]:
-    """dL/dparams through the derived weights, from the gradients their stand-in leaves
-    collected: one pass through each weight's graph. The graph is kept (it is the forward's, as
-    the weight is), so that a second backward of a retained graph finds it."""
-    used = [(weight, g) for (weight, _), g in zip(stand_ins, gradients) if g is not None]
-    if not used or not params:
-        return [None] * len(params)
-    try:
-        return list(torch.autograd.grad([w for w, _ in used], params, [g.to(w.dtype) for w, g in used],
-                                        retain_graph=True, allow_unused=True))
-    except RuntimeError as error:
-        if "backward through the graph a second time" not in str(error):
-            raise
-        raise RuntimeError("a weight f's module derived from its parameters before the solve (a plain tensor "
-                           "attribute with a graph, such as torchdeq's reset_norm sets) had its graph freed "
-                           "before the DEQ's backward reached it; derive it again in each forward pass") from None
+def _derived_weights(module: nn.Module) -> list[Tensor]:
+    """The tensors with a graph that ``module`` and its submodules keep as plain attributes
+    (not parameters or buffers): weights derived before the solve."""
+    return [value for sub in module.modules() for value in vars(sub).values()
+            if isinstance(value, Tensor) and value.grad_fn is not None and not isinstance(value, nn.Parameter)]

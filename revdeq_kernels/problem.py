@@ -75,7 +75,7 @@ def _as_is(t: Tensor) -> Tensor:
 class UndeclaredInputs:
     """Refuses an f whose output depends on tensors that require grad other than z, x and the
     declared parameters: a tensor it closes over (``functools.partial(block, context=c)``) or
-    keeps as a plain attribute. The backward differentiates f with respect to z, x and the
+    keeps in a list. (A plain tensor attribute of its module is an input, ``gradient_inputs``.) The backward differentiates f with respect to z, x and the
     parameters only, so such a tensor would get no gradient, silently (a cross-attention
     block's partial lost 93% of the gradient). Checked on the forward pass's first
     evaluation, which then records a graph, once per f object (every call for a fresh one)."""
@@ -110,7 +110,7 @@ class UndeclaredInputs:
             shapes = ", ".join(str(tuple(t.shape)) for t in undeclared[:4]) + (", ..." if len(undeclared) > 4 else "")
             raise ValueError(
                 f"f's output depends on {len(undeclared)} tensor(s) that require grad besides z, x and its "
-                f"parameters (shapes {shapes}): something f closes over or keeps as an attribute, or what it "
+                f"parameters (shapes {shapes}): something f closes over or keeps in a list or dict, or what it "
                 "was computed from. The solve's backward would leave them without gradient. Pass them as "
                 "keywords of the module's forward, deq(x, context=c), which calls f(z, x, context=c); or "
                 "to rk.solve(..., parameters=[...]); or make them parameters of an nn.Module f")
@@ -261,18 +261,51 @@ class Problem:
         return [p._version for p in self.params]
 
     @contextlib.contextmanager
-    def as_solved(self, versions: list[int], leaves: bool = False):
-        """For a backward: f's module bound to the tensors it was solved with (``SolvedBindings``),
-        after refusing parameters modified in place since the forward pass (an optimizer step,
-        an EMA update before ``loss.backward()``): the recomputations would differentiate
-        another f than the one solved. Plain autograd refuses the same. Yields the derived
-        weights bound as leaves (``leaves=True``), [(weight, leaf)]."""
+    def as_solved(self, versions: list[int]):
+        """For a backward: f's module bound to the tensors it was solved with, each trainable
+        parameter as a leaf alias (``SolvedBindings``), after refusing parameters modified in
+        place since the forward pass (an optimizer step, an EMA update before
+        ``loss.backward()``): the recomputations would differentiate another f than the one
+        solved. Plain autograd refuses the same. Yields what the VJPs differentiate in place of
+        ``params``, in their order."""
         self._check_parameters_unchanged(versions)
         if self.bindings is None:
-            yield []
+            yield list(self.params)
             return
-        with self.bindings.rebound(leaves) as stand_ins:
-            yield stand_ins
+        with self.bindings.rebound(aliases=True) as aliases:
+            yield [aliases.get(id(p), p) for p in self.params]
+
+    def check_parameters_read_through(self, out: Tensor, inputs: list[Tensor]) -> None:
+        """Refuse a backward whose recomputed ``out`` reaches one of f's parameters other than
+        through ``inputs`` (the aliases ``as_solved`` yields, the derived weights, the context):
+        f read a tensor derived from the parameter that the solve does not take as an input, so
+        the VJPs, which differentiate the aliases, would leave its gradient out."""
+        aliased = {id(p): p for p, alias in zip(self.params, inputs) if alias is not p}
+        if not aliased or out.grad_fn is None:
+            return
+        stops = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        reached, seen, stack = [], set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stops:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # AccumulateGrad
+            if leaf is not None:
+                if id(leaf) in aliased:
+                    reached.append(leaf)
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        if reached:
+            module = module_of(self.f)
+            names = {id(p): name for name, p in module.named_parameters()} if module is not None else {}
+            what = ", ".join(names.get(id(p), str(tuple(p.shape))) for p in reached[:4])
+            raise RuntimeError(
+                f"f read a tensor derived from its parameters ({what}) that the DEQ does not take as an input, so "
+                "its backward would leave that share of their gradient out: a weight cached by "
+                "torch.nn.utils.parametrize.cached() while the backward runs, or kept in a list or dict. Leave "
+                "cached() before calling backward() (its documented pattern wraps the forward pass only), keep "
+                "the derived weight as a plain attribute of f's module, or pass it as a keyword, deq(x, w=w)")
 
     def _check_parameters_unchanged(self, versions: list[int]) -> None:
         changed = [i for i, (p, version) in enumerate(zip(self.params, versions)) if p._version != version]

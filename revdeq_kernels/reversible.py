@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import ops
 from .first_order import first_order
 from .ops.reference import accumulation_dtype
-from .f_module import BufferSnapshot, attach_f, bind_context, gradient_inputs, gradients_through_derived
+from .f_module import BufferSnapshot, attach_f, bind_context, gradient_inputs
 from .packing import is_several, solve_several
 from .problem import Problem, eager_under_compile, make_problem
 from .reversal import (FloatReversal, forward_iteration, forward_solve, kept_states, make_reversal, relative_gap,
@@ -122,11 +122,12 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     @first_order("the reversible adjoint")
     def backward(ctx, grad_z, *grad_states):
-        with ctx.problem.as_solved(ctx.parameter_versions, leaves=True) as stand_ins:
-            return _ReversibleFunction.reverse_sweep(ctx, grad_z, grad_states, stand_ins)
+        with ctx.problem.as_solved(ctx.parameter_versions) as params:
+            return _ReversibleFunction.reverse_sweep(ctx, grad_z, grad_states, params)
 
     @staticmethod
-    def reverse_sweep(ctx, grad_z, grad_states, stand_ins: list[tuple[Tensor, Tensor]]):
+    def reverse_sweep(ctx, grad_z, grad_states, params: list[Tensor]):
+        """``params``: what the VJPs differentiate for ``problem.params`` (their aliases)."""
         problem: Problem = ctx.problem
         reversal: FloatReversal = ctx.reversal
         x, z_final, y_final, *rest = ctx.saved_tensors
@@ -140,7 +141,6 @@ class _ReversibleFunction(torch.autograd.Function):
             count_y = ctx.plane_counts[0]
             reversal.restore((planes[:count_y], planes[count_y:], *ctx.planes_used))
         b, backend, stats = problem.beta, problem.backend, problem.stats
-        params = problem.params + [leaf for _, leaf in stand_ins]  # derived weights' gradients: collected, then sent on
         needs_x, needs_z0 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
 
         z, y = z_final.clone(), y_final.clone()  # z_N may be referenced downstream: never mutate it
@@ -173,6 +173,8 @@ class _ReversibleFunction(torch.autograd.Function):
             # f(z_0)'s VJP in z_0 only feeds dL/dz0: skipped without z0's gradient (one of 2N VJPs' halves)
             wants_state = index > 0 or needs_z0
             inputs = ([f_in] if wants_state else []) + ([x_in] if needs_x else []) + params
+            if index == 2 * stats.steps - 1:  # the sweep's first evaluation: the rest have the same graph
+                problem.check_parameters_read_through(out, params)
             if out.requires_grad:
                 grads = _vjp(out, inputs, cotangent, step=index // 2)
             else:  # f ignores everything that needs a gradient
@@ -230,9 +232,6 @@ class _ReversibleFunction(torch.autograd.Function):
             grad_z0 = gz.add_(gy).to(ctx.z0_dtype)  # y_0 = z_0 = z0: both states start from z0
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        own = len(problem.params)
-        through_derived = gradients_through_derived(stand_ins, grad_params[own:], problem.params)
-        grad_params = [_accumulate(g, extra) for g, extra in zip(grad_params[:own], through_derived)]
         grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, problem.params)]
         return (None, None, None, grad_x, grad_z0, None, *grad_params)
 

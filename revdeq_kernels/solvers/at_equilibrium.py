@@ -45,12 +45,12 @@ class AtEquilibriumFunction(torch.autograd.Function):
     def backward(ctx, grad_z):
         problem = ctx.problem
         x, z = ctx.saved_tensors
-        params = problem.params
         needs_x = ctx.needs_input_grad[4]
-        with (problem.as_solved(ctx.parameter_versions), torch.enable_grad(), problem.autocast_context(),
+        with (problem.as_solved(ctx.parameter_versions) as params, torch.enable_grad(), problem.autocast_context(),
               BufferSnapshot(problem.f)):
             x_in = x.detach().requires_grad_(needs_x)
             out, cotangent = ctx.adjoint.backward_output(problem, z, x_in, grad_z)
+            problem.check_parameters_read_through(out, params)
             grads = vjps_or_zeros(out, ([x_in] if needs_x else []) + params, cotangent.to(out.dtype),
                                   retain_graph=False)
         grad_x = grads.pop(0) if needs_x else None
