@@ -242,13 +242,13 @@ def _vjp(out: Tensor, inputs: list[Tensor], cotangent: Tensor, step: int) -> tup
     except RuntimeError as error:
         if "backward through the graph a second time" not in str(error):
             raise
-        # A tensor f reads was computed once, with a graph, outside f: one reverse step's VJP freed it
+        # f read a tensor derived outside it, with a graph, from one the solve differentiates
+        # (a context keyword, x): one reverse step's VJP freed that graph
         raise RuntimeError(
             f"the reversible backward differentiates f once per reverse step, and at reverse step {step} f read a "
-            "tensor whose graph an earlier step's backward had freed: one computed once outside f and kept where "
-            "the DEQ does not look for it (torch.nn.utils.parametrize.cached() while active, a list or a closure). "
-            "Leave cached() before calling backward() (its documented pattern wraps the forward pass only), keep "
-            "such a weight as a plain attribute of f's module (it is then differentiated once), or compute the tensor inside f") from None
+            "tensor whose graph an earlier step's backward had freed: one computed once outside f from a tensor "
+            "the solve differentiates (a context keyword, x) and kept where the DEQ does not look for it (a list, "
+            "a closure). Pass that tensor itself as a keyword, deq(x, w=w), or compute it inside f") from None
 
 
 @eager_under_compile

@@ -188,3 +188,20 @@ def test_a_partials_module_is_registered(layer):
     make(functools.partial(copy, scale=2.0)).load_state_dict(deq.state_dict())
     for (name, p), q in zip(block.named_parameters(), copy.parameters()):
         assert torch.equal(p, q), f"{name} was not restored from the state_dict"
+
+
+def test_a_tensor_derived_from_the_context_in_a_list_is_named():
+    """f reads, besides its context keyword c, sin(c) kept in a list: each reverse step's VJP
+    reaches c through sin's graph, which the first one frees. The error says what to pass."""
+
+    class ListBlock(CrossBlock):
+        def forward(self, z, x, context):
+            return super().forward(z, x, context) + self.memory[0]
+
+    block, encoder, x, source = cross_setup(ListBlock)
+    context = encoder(source)
+    block.memory = [torch.sin(context)]
+    z = rk.ReversibleDEQ(block, beta=0.5, max_steps=4, tol=0)(x, context=context)
+    with pytest.raises(RuntimeError, match=r"at reverse step \d+ f read a tensor whose graph .* Pass that tensor "
+                                           r"itself as a keyword"):
+        z.sum().backward()
