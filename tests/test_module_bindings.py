@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import revdeq_kernels as rk
-from tests.helpers import relative_error
+from tests.helpers import devices, relative_error
 
 F64 = torch.float64
 WIDTH = 6
@@ -59,14 +59,15 @@ class ScaledBlock(nn.Module):
         return z + self.gain * torch.tanh(self.mix(z) + self.inject(x)) - 0.5 * z
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_functional_call_differentiates_the_tensors_it_binds(layer):
+def test_functional_call_differentiates_the_tensors_it_binds(layer, device):
     torch.manual_seed(0)
-    deq = LAYERS[layer](ScaledBlock()).to(F64)
-    x = torch.randn(3, WIDTH, dtype=F64)
+    deq = LAYERS[layer](ScaledBlock()).to(device, F64)
+    x = torch.randn(3, WIDTH, dtype=F64, device=device)
     fast = {name: (p + 0.2 * torch.randn_like(p)).detach().requires_grad_()
             for name, p in deq.named_parameters()}
-    bound = {**fast, "f.gain": torch.tensor(0.3, dtype=F64)}
+    bound = {**fast, "f.gain": torch.tensor(0.3, dtype=F64, device=device)}
     torch.func.functional_call(deq, bound, (x,)).square().sum().backward()
 
     # the reference: a copy that holds the bound tensors as its own
@@ -162,15 +163,16 @@ class ResetWeightNorm(nn.Module):
         return nn.functional.linear(z, self.weight, self.bias)
 
 
-def reset_training(layer: str, per_call: bool = False, steps: int = 3, retain: bool = False) -> list[torch.Tensor]:
+def reset_training(layer: str, per_call: bool = False, steps: int = 3, retain: bool = False,
+                   device: str = "cpu") -> list[torch.Tensor]:
     """``steps`` SGD steps, each deriving the weight anew before the forward pass, as torchdeq's
     training loop does: the parameters after them."""
     torch.manual_seed(0)
-    deq = LAYERS[layer](ParametrizedBlock(lambda linear: ResetWeightNorm(per_call))).to(F64)
+    deq = LAYERS[layer](ParametrizedBlock(lambda linear: ResetWeightNorm(per_call))).to(device, F64)
     optimizer = torch.optim.SGD(deq.parameters(), lr=0.1)
     for _ in range(steps):
         deq.f.mix.reset()
-        loss = deq(torch.randn(3, WIDTH, dtype=F64)).square().sum()
+        loss = deq(torch.randn(3, WIDTH, dtype=F64).to(device)).square().sum()
         optimizer.zero_grad()
         if retain:  # a retained graph backpropagated twice: twice the gradient
             loss.backward(retain_graph=True)
@@ -179,10 +181,11 @@ def reset_training(layer: str, per_call: bool = False, steps: int = 3, retain: b
     return [p.detach().clone() for p in deq.parameters()]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_a_weight_derived_once_per_step_trains_as_one_derived_per_call(layer):
-    expected = reset_training(layer, per_call=True)
-    actual = reset_training(layer)
+def test_a_weight_derived_once_per_step_trains_as_one_derived_per_call(layer, device):
+    expected = reset_training(layer, per_call=True, device=device)
+    actual = reset_training(layer, device=device)
     for name, a, e in zip(("weight_v", "weight_g", "bias"), actual, expected):
         error = relative_error(a, e)
         assert error < 1e-10, f"{layer}: {name} after 3 steps is {error:.3g} off the same f deriving it per call"
@@ -225,14 +228,15 @@ def test_flop_counter_mode_counts_the_training_step(layer, z0_grad):
         assert counter.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_a_parameter_hook_runs_once_on_the_whole_gradient(layer):
+def test_a_parameter_hook_runs_once_on_the_whole_gradient(layer, device):
     def gradient(hooked: bool):
         torch.manual_seed(0)
-        deq, calls = LAYERS[layer](LinearBlock()).to(F64), []
+        deq, calls = LAYERS[layer](LinearBlock()).to(device, F64), []
         if hooked:
             deq.f.linear.weight.register_hook(lambda g: calls.append(1) or 2 * g)
-        deq(torch.randn(3, WIDTH, dtype=F64)).sum().backward()
+        deq(torch.randn(3, WIDTH, dtype=F64).to(device)).sum().backward()
         return deq.f.linear.weight.grad, len(calls)
 
     (plain, _), (hooked, calls) = gradient(False), gradient(True)
