@@ -22,6 +22,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
 class _SecondDerivativeRefused(torch.autograd.Function):
@@ -95,3 +96,12 @@ def refuse_function_transforms(adjoint: str) -> None:
         raise RuntimeError(f"torch.func transforms (grad, vjp, jacrev) cannot differentiate through "
                            f"adjoint={adjoint!r}, a first-order backward; use adjoint='unrolled' (torch >= 2.11), "
                            "or torch.autograd.functional.jacobian(deq, x) for a Jacobian")
+
+
+def refuse_forward_mode(adjoint: str, tensors) -> None:
+    """Raises if a dual tensor of ``torch.autograd.forward_ad`` reaches a solve whose adjoint has
+    a backward only (torch's own error asked the user to implement the Function's jvp)."""
+    if adjoint != "unrolled" and any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+                                     for t in tensors):
+        raise RuntimeError(f"forward-mode AD (a torch.autograd.forward_ad dual tensor) cannot go through "
+                           f"adjoint={adjoint!r}, which has a backward pass only; use adjoint='unrolled'")

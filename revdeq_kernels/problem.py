@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import fixed_point
 from .f_module import BufferSnapshot, HeldBuffers, SolvedBindings, check_callable, module_of
-from .first_order import refuse_function_transforms
+from .first_order import refuse_forward_mode, refuse_function_transforms
 from .kernel_choice import graph_kernels_only
 from .ops import STATE_DTYPES, resolve_backend
 from .packing import PackedF
@@ -401,6 +401,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
             raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
         start = z0.detach().to(state_dtype).contiguous()
     refuse_function_transforms(settings.adjoint)
+    refuse_forward_mode(settings.adjoint, [x, z0, *params])
     differentiated = torch.is_grad_enabled() and (
         x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params))
     backend = resolve_backend(settings.backend, x.device)

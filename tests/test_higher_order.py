@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import revdeq_kernels as rk
 from tests.helpers import ResidualBlock, relative_error
@@ -210,3 +211,18 @@ def test_function_transforms_raise_rather_than_return(method, transform):
     with pytest.raises(RuntimeError, match=match) as raised:
         TRANSFORMS[transform](deq, x.detach())
     assert len(str(raised.value).splitlines()) == 1, f"{method}/{transform}: a multi-line error: {raised.value}"
+
+
+@pytest.mark.parametrize("method", list(FIRST_ORDER))
+def test_forward_mode_dual_tensors_are_refused_by_the_first_order_adjoints(method):
+    """A forward_ad dual tensor into a backward-only adjoint: torch's own error asked the user to
+    implement the autograd.Function's jvp. The unrolled adjoint carries the tangent."""
+    f, x = setup()
+    tangent = torch.randn_like(x)
+    with forward_ad.dual_level():
+        with pytest.raises(RuntimeError, match=r"forward-mode AD .* use adjoint='unrolled'") as raised:
+            FIRST_ORDER[method](f)(forward_ad.make_dual(x.detach(), tangent))
+        assert len(str(raised.value).splitlines()) == 1
+        out = forward_ad.unpack_dual(unrolled(f)(forward_ad.make_dual(x.detach(), tangent)))
+    expected = torch.func.jvp(lambda v: plain_iteration(f, v), (x.detach(),), (tangent,))[1]
+    assert relative_error(out.tangent, expected) <= 1e-12, "forward mode through adjoint='unrolled'"
