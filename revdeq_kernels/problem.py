@@ -362,6 +362,10 @@ def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
 def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tuple[Problem, Tensor]:
     """The Problem of one call and its initial state, from validated ``settings`` (a
     SolveSettings or DEQSettings; their ``beta`` is already checked for its solver)."""
+    if getattr(torch.compiler, "is_exporting", lambda: False)():
+        raise RuntimeError("torch.export cannot trace a DEQ solve: it reads its states' values as it runs (the stop "
+                           "test, the non-finite checks, the fixed-point range); export the layers before and after "
+                           "the DEQ as separate programs and run the solve eagerly between them")
     check_callable(f)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

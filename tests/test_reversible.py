@@ -482,6 +482,18 @@ def test_torch_compile_runs_the_solve_eagerly_with_the_same_gradients(deq):
     dynamo.reset()
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch >= 2.5")
+@pytest.mark.parametrize("layer", ["ReversibleDEQ", "DEQ"])
+def test_torch_export_is_refused_in_one_line(layer):
+    """torch.export's default (non-strict) tracing failed deep inside the solve on a data-dependent
+    value ("GuardOnDataDependentSymNode", a page of trace)."""
+    deq = rk.ReversibleDEQ(Block(), beta=0.5, max_steps=4, tol=0) if layer == "ReversibleDEQ" else \
+        rk.DEQ(Block(), solver="anderson", max_steps=4, tol=0)
+    with pytest.raises(RuntimeError, match="torch.export cannot trace a DEQ solve.*run the solve eagerly") as raised:
+        torch.export.export(_Wrapped(deq).eval(), (torch.randn(3, 6),), strict=False)
+    assert len(str(raised.value).splitlines()) == 1
+
+
 def test_bad_parameters_name_the_problem():
     w = torch.randn(6, 6, requires_grad=True)
 
