@@ -243,3 +243,34 @@ def test_a_parameter_hook_runs_once_on_the_whole_gradient(layer, device):
     assert calls == 1, f"{layer}: the hook ran {calls} times in one backward"
     error = relative_error(hooked, 2 * plain)
     assert error < 1e-12, f"{layer}: a hook doubling the gradient gave {error:.3g} off twice the gradient"
+
+
+class GRUBlock(nn.Module):
+    """nn.GRU keeps its own list of its weights (_flat_weights), updated in its __setattr__."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(WIDTH, WIDTH, batch_first=True)
+
+    def forward(self, z, x):
+        return self.gru(z + x)[0]
+
+
+@pytest.mark.parametrize("layer", ["exact", "float", "implicit"])
+def test_a_module_listing_its_own_weights_differentiates_the_aliases(layer):
+    def gradient(name):
+        torch.manual_seed(0)
+        f = GRUBlock().to(F64)
+        LAYERS[name](f)(torch.randn(2, 5, WIDTH, dtype=F64)).square().sum().backward()
+        assert all(flat is getattr(f.gru, weight) for flat, weight in zip(f.gru._flat_weights,
+                                                                           f.gru._flat_weights_names)), \
+            f"{name}: the GRU's _flat_weights were left on the backward's aliases"
+        return torch.cat([p.grad.flatten() for p in f.parameters()])
+
+    reference = gradient("unrolled") if layer != "implicit" else None
+    actual = gradient(layer)
+    if reference is not None:
+        error = relative_error(actual, reference)
+        assert error < 1e-10, f"{layer}: the GRU's gradient is {error:.3g} off autograd's"
+    else:
+        assert actual.norm() > 0, "implicit: the GRU got no gradient"
