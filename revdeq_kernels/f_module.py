@@ -158,8 +158,8 @@ class SolvedBindings:
         self.slots = [(slots, dict(slots)) for m in self.modules for slots in (m._parameters, m._buffers) if slots]
 
     @contextlib.contextmanager
-    def rebound(self, aliases: bool = False):
-        """Yields {id(parameter): the alias bound in its place}, empty without ``aliases``."""
+    def rebound(self):
+        """Yields {id(parameter): the alias bound in its place}."""
         previous, bound = [], {}
         try:
             for slots, solved in self.slots:
@@ -167,7 +167,7 @@ class SolvedBindings:
                     if slots.get(name, _ABSENT) is not tensor:
                         previous.append((slots, name, slots.get(name, _ABSENT)))
                         slots[name] = tensor
-            owned = [(module, name, param) for module in (self.modules if aliases else ())
+            owned = [(module, name, param) for module in self.modules
                      for name, param in module._parameters.items() if param is not None and param.requires_grad]
             # a module that keeps its own list of its weights (nn.LSTM's _flat_weights) updates it in
             # __setattr__, which takes Parameters only; elsewhere a plain tensor goes into the slot, as

@@ -75,10 +75,11 @@ def _as_is(t: Tensor) -> Tensor:
 class UndeclaredInputs:
     """Refuses an f whose output depends on tensors that require grad other than z, x and the
     declared parameters: a tensor it closes over (``functools.partial(block, context=c)``) or
-    keeps in a list. (A plain tensor attribute of its module is an input, ``gradient_inputs``.) The backward differentiates f with respect to z, x and the
-    parameters only, so such a tensor would get no gradient, silently (a cross-attention
-    block's partial lost 93% of the gradient). Checked on the forward pass's first
-    evaluation, which then records a graph, once per f object (every call for a fresh one)."""
+    keeps in a list (a plain tensor attribute of its module is an input: ``gradient_inputs``).
+    The backward differentiates f with respect to z, x and the parameters only, so such a
+    tensor would get no gradient, silently (a cross-attention block's partial lost 93% of the
+    gradient). Checked on the forward pass's first evaluation, which then records a graph, once
+    per f object (every call for a fresh one)."""
 
     def __init__(self, f, params: list):
         self.f = f
@@ -94,18 +95,7 @@ class UndeclaredInputs:
             return torch.is_grad_enabled()
 
     def check(self, out: Tensor) -> None:
-        undeclared, seen, stack = [], set(), [out.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen or node in self.declared_nodes:
-                continue
-            seen.add(node)
-            leaf = getattr(node, "variable", None)  # AccumulateGrad: a tensor that requires grad
-            if leaf is not None:
-                if id(leaf) not in self.declared:
-                    undeclared.append(leaf)
-                continue
-            stack.extend(next_node for next_node, _ in node.next_functions)
+        undeclared = [leaf for leaf in graph_leaves(out, self.declared_nodes) if id(leaf) not in self.declared]
         if undeclared:
             shapes = ", ".join(str(tuple(t.shape)) for t in undeclared[:4]) + (", ..." if len(undeclared) > 4 else "")
             raise ValueError(
@@ -118,6 +108,24 @@ class UndeclaredInputs:
             _closures_checked.add(self.f)
         except TypeError:
             pass
+
+
+def graph_leaves(out: Tensor, stops: set) -> list[Tensor]:
+    """The tensors that require grad (autograd's leaves) which ``out``'s graph reaches without
+    passing through a node of ``stops`` (the grad_fn of an input with a graph: a derived weight,
+    a context computed upstream, whose own graph is the caller's business)."""
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad
+        if leaf is not None:
+            leaves.append(leaf)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
 
 
 def _graph_inputs(*tensors: Tensor) -> list[Tensor]:
@@ -272,7 +280,7 @@ class Problem:
         if self.bindings is None:
             yield list(self.params)
             return
-        with self.bindings.rebound(aliases=True) as aliases:
+        with self.bindings.rebound() as aliases:
             yield [aliases.get(id(p), p) for p in self.params]
 
     def check_parameters_read_through(self, out: Tensor, inputs: list[Tensor]) -> None:
@@ -284,18 +292,7 @@ class Problem:
         if not aliased or out.grad_fn is None:
             return
         stops = {t.grad_fn for t in inputs if t.grad_fn is not None}
-        reached, seen, stack = [], set(), [out.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen or node in stops:
-                continue
-            seen.add(node)
-            leaf = getattr(node, "variable", None)  # AccumulateGrad
-            if leaf is not None:
-                if id(leaf) in aliased:
-                    reached.append(leaf)
-                continue
-            stack.extend(next_node for next_node, _ in node.next_functions)
+        reached = [leaf for leaf in graph_leaves(out, stops) if id(leaf) in aliased]
         if reached:
             module = module_of(self.f)
             names = {id(p): name for name, p in module.named_parameters()} if module is not None else {}
