@@ -135,6 +135,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
+class RecurrentBlock(nn.Module):
+    """f(z, x) = rnn(z + x) over dim 1 (batch first): ``kind`` is "LSTM", "GRU" or "RNN". These
+    modules keep their own list of their weights (``_flat_weights``) and may pick kernels by
+    autograd's mode."""
+
+    def __init__(self, kind: str, width: int):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(width, width, batch_first=True)
+
+    def forward(self, z, x):
+        return self.rnn(z + x)[0]
+
+
 class ResidualBlock(nn.Module):
     """A residual, transformer-shaped f(z, x) = z + scale * MLP(LN(z + W x)): expansive (its
     Jacobian is I + ...), the case where a float reversal drifts. The language model's block

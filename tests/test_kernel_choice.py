@@ -16,7 +16,7 @@ from torch import nn
 
 import revdeq_kernels as rk
 from revdeq_kernels.kernel_choice import graph_kernels_only
-from tests.helpers import TanhBlock, devices, relative_error
+from tests.helpers import RecurrentBlock, TanhBlock, devices, relative_error
 
 WIDTH = 32
 
@@ -210,18 +210,9 @@ def test_a_state_gone_wrong_only_in_the_backward_is_named_a_recomputation_mismat
         z.sum().backward()
 
 
-class LSTMBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(WIDTH, WIDTH, batch_first=True)
-
-    def forward(self, z, x):
-        return self.lstm(z + x)[0]
-
-
 def test_an_lstm_on_cpu_is_named_and_its_remedy_works():
     torch.manual_seed(0)
-    f, x = LSTMBlock(), torch.randn(2, 5, WIDTH)
+    f, x = RecurrentBlock("LSTM", WIDTH), torch.randn(2, 5, WIDTH)
     with torch.no_grad():
         inference = f(x, x)
     if torch.equal(inference, f(x, x).detach()):

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import revdeq_kernels as rk
-from tests.helpers import devices, relative_error
+from tests.helpers import RecurrentBlock, devices, relative_error
 
 F64 = torch.float64
 WIDTH = 6
@@ -245,25 +245,14 @@ def test_a_parameter_hook_runs_once_on_the_whole_gradient(layer, device):
     assert error < 1e-12, f"{layer}: a hook doubling the gradient gave {error:.3g} off twice the gradient"
 
 
-class GRUBlock(nn.Module):
-    """nn.GRU keeps its own list of its weights (_flat_weights), updated in its __setattr__."""
-
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(WIDTH, WIDTH, batch_first=True)
-
-    def forward(self, z, x):
-        return self.gru(z + x)[0]
-
-
 @pytest.mark.parametrize("layer", ["exact", "float", "implicit"])
 def test_a_module_listing_its_own_weights_differentiates_the_aliases(layer):
     def gradient(name):
         torch.manual_seed(0)
-        f = GRUBlock().to(F64)
+        f = RecurrentBlock("GRU", WIDTH).to(F64)  # nn.GRU updates its _flat_weights in __setattr__
         LAYERS[name](f)(torch.randn(2, 5, WIDTH, dtype=F64)).square().sum().backward()
-        assert all(flat is getattr(f.gru, weight) for flat, weight in zip(f.gru._flat_weights,
-                                                                           f.gru._flat_weights_names)), \
+        assert all(flat is getattr(f.rnn, weight) for flat, weight in zip(f.rnn._flat_weights,
+                                                                           f.rnn._flat_weights_names)), \
             f"{name}: the GRU's _flat_weights were left on the backward's aliases"
         return torch.cat([p.grad.flatten() for p in f.parameters()])
 
