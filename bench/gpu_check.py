@@ -63,12 +63,12 @@ REPO = HERE.parent
 PARITY_FILES = ["tests/test_ops.py", "tests/test_ops_contracts.py", "tests/test_reversible.py", "tests/test_triton.py",
                 "tests/test_triton_build.py", "tests/test_exact_ops.py", "tests/test_exact_reversal.py",
                 "tests/test_states_at.py", "tests/test_kernel_choice.py", "tests/test_loss_scaling.py",
-                "tests/test_module_bindings.py"]
+                "tests/test_module_bindings.py", "tests/test_rng.py"]
 # --smoke: a few tests from every parity file (each file must still run at least one)
 SMOKE_TESTS = ("misaligned_views or test_opcheck or autograd_records or gradients_match_unrolled_float32 "
                "or autotuning_applies or exact_backward_lands_on_the_start or compile_for_sm90 "
                "or state_gradients_match_unrolled or torch_attention_in_eval_mode or grad_scaler_skips "
-               "or hook_runs_once")
+               "or hook_runs_once or one_mask_in_every_evaluation")
 E2E_METHODS = "reversible,reversible_ck,reversible_exact,unrolled,implicit,phantom,explicit"
 OPS_TARGET = 0.9           # every fused op's fraction of the same-run roofline, at >= 64M elements
 TIME_TARGET = 1.35         # reversible step time / unrolled, equal N

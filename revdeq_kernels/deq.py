@@ -73,7 +73,7 @@ class DEQ(nn.Module):
         phantom_steps, phantom_beta: the phantom adjoint's k (default 5) and damping
             (default: as backward_beta).
         checkpoint_every, reversal, frac_bits: adjoint="reversible" only; see ReversibleDEQ.
-        state_dtype, backend, on_nonfinite, replay_rng: as in ReversibleDEQ.
+        state_dtype, backend, on_nonfinite, rng: as in ReversibleDEQ (replay_rng: deprecated, rng).
     A setting that the chosen solver/adjoint does not use is an error, not ignored.
     """
 
@@ -84,8 +84,8 @@ class DEQ(nn.Module):
                  backward_beta: float | None = None, phantom_steps: int | None = None,
                  phantom_beta: float | None = None, checkpoint_every: int | None = None,
                  state_dtype: torch.dtype | None = None, backend: str | None = None,
-                 on_nonfinite: str = "raise", replay_rng: bool = True, reversal: str | None = None,
-                 frac_bits: int | None = None):
+                 on_nonfinite: str = "raise", rng: str = "per_solve", reversal: str | None = None,
+                 frac_bits: int | None = None, replay_rng: bool | None = None):
         super().__init__()
         attach_f(self, f)
         self.settings = DEQSettings(
@@ -93,7 +93,7 @@ class DEQ(nn.Module):
             backward_solver=backward_solver, backward_max_steps=backward_max_steps, backward_tol=backward_tol,
             backward_beta=backward_beta, phantom_steps=phantom_steps, phantom_beta=phantom_beta,
             checkpoint_every=checkpoint_every, state_dtype=state_dtype, backend=backend,
-            on_nonfinite=on_nonfinite, replay_rng=replay_rng, reversal=reversal, frac_bits=frac_bits)
+            on_nonfinite=on_nonfinite, rng=rng, reversal=reversal, frac_bits=frac_bits, replay_rng=replay_rng)
         self.last_stats: SolverStats | None = None
         self.last_adjoint_stats: SolverStats | None = None
 

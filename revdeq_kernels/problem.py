@@ -2,7 +2,7 @@
 
 Shared by the reversible solver, the unrolled reference and the classic DEQ baselines,
 so that all of them call f the same way: the state cast to the dtype f computes in,
-the same per-evaluation random stream, and the same checks on what f returns.
+the same replayed random stream (``rng``), and the same checks on what f returns.
 """
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
     problem = Problem(
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
         f_dtype=x.dtype, output_dtype=output_dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
-        rng=EvaluationRNG(x.device, enabled=settings.replay_rng), autocast=_autocast_state(x.device),
+        rng=EvaluationRNG(x.device, settings.rng), autocast=_autocast_state(x.device),
         params=params, buffers=HeldBuffers(f), differentiated=differentiated,
         bindings=SolvedBindings(module) if differentiated and module is not None else None,
         stats=SolverStats(backend=backend),

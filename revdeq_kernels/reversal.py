@@ -76,8 +76,8 @@ def _suspects(problem: Problem, probe: tuple[Tensor, Tensor]) -> str:
     random streams not replayed, or what ``Problem.recomputation_suspect`` measures at ``probe`` (f's
     input state and x). "" when neither."""
     if not problem.rng.enabled:
-        return ("replay_rng=False, so any random op in f (dropout) draws other numbers in the backward's "
-                "recomputation than in the forward pass: set replay_rng=True, or make f deterministic")
+        return ("rng='global', so any random op in f (dropout) draws other numbers in the backward's "
+                "recomputation than in the forward pass: set rng='per_solve' (the default), or make f deterministic")
     return problem.recomputation_suspect(*probe)
 
 
@@ -296,7 +296,7 @@ class ExactReversal(FloatReversal):
             f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
             "recomputation as in the forward pass: " + (_suspects(self.problem, probe) or (
                 "f gave the same bits on three evaluations at the solve's last state, with a graph and without, "
-                f"so {NONDETERMINISM}, or for a random op that replay_rng=True does not cover")))
+                f"so {NONDETERMINISM}, or for a random op that rng does not replay (one drawing from its own torch.Generator)")))
 
 
 def make_reversal(problem: Problem) -> FloatReversal:

@@ -319,7 +319,11 @@ class ReversibleDEQ(nn.Module):
         backend: kernel backend for the state updates (``None`` = $REVDEQ_BACKEND or auto).
         adjoint: "reversible", or "unrolled" (autograd through every step; the reference).
         on_nonfinite: "raise" a FloatingPointError naming the step, or "warn".
-        replay_rng: give every evaluation of f its own replayed random stream (dropout).
+        rng: how f's random ops (dropout) draw, replayed exactly by the backward:
+            "per_solve" (the default: the same numbers at every evaluation of one solve, one
+            dropout mask per solve, so f has a fixed point), "per_evaluation" (a new mask at
+            every evaluation) or "global" (not replayed: the backward draws other numbers).
+            ``replay_rng`` (True: "per_evaluation", False: "global") is its deprecated name.
         reversal: how the backward rebuilds the states: "exact" (the default: fixed-point states
             with digit planes, bit-exact at any depth; beta must be 1 - n/d with d <= 64) or
             "float" (divide by 1 - beta: drifts on expansive f, measured in
@@ -332,13 +336,14 @@ class ReversibleDEQ(nn.Module):
     def __init__(self, f, beta: float = 0.8, max_steps: int = 8, tol: float | None = 1e-3,
                  state_dtype: torch.dtype | None = None, checkpoint_every: int | None = None,
                  backend: str | None = None, adjoint: str = "reversible", on_nonfinite: str = "raise",
-                 replay_rng: bool = True, reversal: str | None = None, frac_bits: int | None = None):
+                 rng: str = "per_solve", reversal: str | None = None, frac_bits: int | None = None,
+                 replay_rng: bool | None = None):
         super().__init__()
         attach_f(self, f)
         self.settings = SolveSettings(
             beta=beta, max_steps=max_steps, tol=tol, state_dtype=state_dtype, checkpoint_every=checkpoint_every,
-            backend=backend, adjoint=adjoint, on_nonfinite=on_nonfinite, replay_rng=replay_rng,
-            reversal=reversal, frac_bits=frac_bits)
+            backend=backend, adjoint=adjoint, on_nonfinite=on_nonfinite, rng=rng,
+            reversal=reversal, frac_bits=frac_bits, replay_rng=replay_rng)
         self.last_stats: SolverStats | None = None
 
     def forward(self, x, z0=None, *, states_at=None, **context):

@@ -26,6 +26,8 @@ from . import fixed_point
 from .ops import STATE_DTYPES
 
 NONFINITE_MODES = ("raise", "warn")
+# How f's random ops (dropout) draw within one solve; rng.py says what each mode replays.
+RNG_MODES = ("per_solve", "per_evaluation", "global")
 REVERSALS = ("float", "exact")
 REVERSIBLE_ADJOINTS = ("reversible", "unrolled")
 ITERATIVE_SOLVERS = ("fixed_point", "anderson", "broyden")
@@ -108,6 +110,24 @@ def state_steps(value, max_steps: int) -> tuple[int, ...]:
     if any(a >= b for a, b in itertools.pairwise(steps)):
         raise ValueError(f"states_at must be increasing, got {steps}")
     return steps
+
+
+def _rng(settings) -> None:
+    """``rng``, and ``replay_rng``, the bool it replaced: True was "per_evaluation" (the default
+    before "per_solve"), False "global". The old name warns and is cleared, so that
+    ``dataclasses.replace`` on the result validates ``rng`` alone."""
+    old = settings.replay_rng
+    if old is not None:
+        if not isinstance(old, bool):
+            raise SettingError("replay_rng", f"must be True or False, got {old!r}; it is deprecated: use rng")
+        if settings.rng != "per_solve":
+            raise SettingError("replay_rng", f"and rng={settings.rng!r} are both given; replay_rng is deprecated: "
+                               "give rng alone")
+        replacement = "per_evaluation" if old else "global"
+        warnings.warn(f"replay_rng={old} is deprecated: pass rng={replacement!r} (the default is now 'per_solve': "
+                      "one dropout mask for every evaluation of f in a solve)", DeprecationWarning, stacklevel=5)
+        settings._set(rng=replacement, replay_rng=None)
+    choice("rng", settings.rng, RNG_MODES)
 
 
 def _state_dtype(value) -> None:
@@ -202,17 +222,19 @@ class SolveSettings(_Frozen):
     backend: str | None = None
     adjoint: str = "reversible"
     on_nonfinite: str = "raise"
-    replay_rng: bool = True
+    rng: str = "per_solve"
     reversal: str | None = None
     frac_bits: int | None = None
+    replay_rng: bool | None = None  # deprecated: rng
 
     def __post_init__(self):
         choice("adjoint", self.adjoint, REVERSIBLE_ADJOINTS)
+        _rng(self)
         choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
         _state_dtype(self.state_dtype)
         _checkpoint_every(self.checkpoint_every)
         self._set(beta=coupling("beta", self.beta), max_steps=count("max_steps", self.max_steps),
-                  tol=tolerance("tol", self.tol), replay_rng=bool(self.replay_rng))
+                  tol=tolerance("tol", self.tol))
         _reversal(self, None if self.adjoint == "reversible" else
                   f"adjoint={self.adjoint!r} differentiates through the forward graph instead")
 
@@ -246,9 +268,10 @@ class DEQSettings(_Frozen):
     state_dtype: torch.dtype | None = None
     backend: str | None = None
     on_nonfinite: str = "raise"
-    replay_rng: bool = True
+    rng: str = "per_solve"
     reversal: str | None = None
     frac_bits: int | None = None
+    replay_rng: bool | None = None  # deprecated: rng
 
     def __post_init__(self):
         solver, adjoint = self.solver, self.adjoint
@@ -261,12 +284,13 @@ class DEQSettings(_Frozen):
                 f"solver={solver!r}; use adjoint in {tuple(a for a in DEQ_ADJOINTS if a != 'reversible')} "
                 "with this solver")
         choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
+        _rng(self)
         _state_dtype(self.state_dtype)
         max_steps = count("max_steps", DEFAULT_MAX_STEPS[solver] if self.max_steps is None else self.max_steps)
         tol = tolerance("tol", self.tol)
         beta = DEFAULT_BETA[solver] if self.beta is None else self.beta
         beta = coupling("beta", beta) if solver == "reversible" else damping("beta", beta)
-        self._set(max_steps=max_steps, tol=tol, beta=beta, replay_rng=bool(self.replay_rng))
+        self._set(max_steps=max_steps, tol=tol, beta=beta)
         adjoint_damping = 1.0 if solver == "reversible" else beta
 
         backward = dict(backward_solver=self.backward_solver, backward_max_steps=self.backward_max_steps,
@@ -325,5 +349,5 @@ class DEQSettings(_Frozen):
         return SolveSettings(
             beta=self.beta, max_steps=self.max_steps, tol=self.tol, state_dtype=self.state_dtype,
             checkpoint_every=self.checkpoint_every, backend=self.backend, adjoint=self.adjoint,
-            on_nonfinite=self.on_nonfinite, replay_rng=self.replay_rng, reversal=self.reversal,
+            on_nonfinite=self.on_nonfinite, rng=self.rng, reversal=self.reversal,
             frac_bits=self.frac_bits)

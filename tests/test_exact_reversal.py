@@ -132,9 +132,9 @@ def test_dropout_is_replayed_exactly():
 def test_nondeterministic_f_is_detected():
     f, x = block_and_input(5, dropout=0.3)
     f.train()
-    deq = rk.ReversibleDEQ(f, beta=0.8, max_steps=6, tol=0, reversal="exact", replay_rng=False)
+    deq = rk.ReversibleDEQ(f, beta=0.8, max_steps=6, tol=0, reversal="exact", rng="global")
     z = deq(x)
-    with pytest.raises(RuntimeError, match="did not compute the same bits.* replay_rng=False, so any random op"):
+    with pytest.raises(RuntimeError, match="did not compute the same bits.* rng=.global., so any random op"):
         z.sum().backward()
 
 

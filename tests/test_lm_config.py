@@ -53,6 +53,7 @@ def test_unknown_key_lists_every_valid_key(tmp_path):
     ("min_lr=1", r"min_lr=1.0: must be in \[0, lr="),
     ("vocab_size=0", "vocab_size=0: must be >= 1"),
     ("seed", "is not key=value"),
+    ("rng=global", r"rng='global': must be one of per_solve, per_evaluation \(both replay"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

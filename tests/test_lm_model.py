@@ -36,23 +36,25 @@ def test_forward_backward_shapes_and_finite(method):
     assert model.head.weight is model.tok_emb.weight, "tie_embeddings: the head must share the embedding"
 
 
-def lm_gradients(method: str, dropout: float) -> tuple[torch.Tensor, float]:
+def lm_gradients(method: str, dropout: float, rng: str = "per_solve") -> tuple[torch.Tensor, float]:
     torch.manual_seed(0)
-    model = TransformerLM(model_config(method=method, dropout=dropout, beta=0.7, max_steps=4)).double()
+    model = TransformerLM(model_config(method=method, dropout=dropout, beta=0.7, max_steps=4, rng=rng)).double()
+    assert model.deq.settings.rng == rng, f"config rng={rng!r} did not reach the DEQ: {model.deq.settings.rng!r}"
     idx, targets = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
-    torch.manual_seed(1)  # embedding dropout and the solver's per-evaluation seeds come from here
+    torch.manual_seed(1)  # embedding dropout and the solve's dropout seed comes from here
     _, loss = model(idx, targets)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()]), loss.item()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
-def test_reversible_gradients_equal_unrolled_float64(dropout):
-    got, loss_rev = lm_gradients("reversible", dropout)
-    want, loss_unr = lm_gradients("unrolled", dropout)
+@pytest.mark.parametrize("dropout,rng", [(0.0, "per_solve"), (0.1, "per_solve"), (0.1, "per_evaluation")],
+                         ids=["no-dropout", "dropout-per-solve", "dropout-per-evaluation"])
+def test_reversible_gradients_equal_unrolled_float64(dropout, rng):
+    got, loss_rev = lm_gradients("reversible", dropout, rng)
+    want, loss_unr = lm_gradients("unrolled", dropout, rng)
     assert loss_rev == loss_unr, f"losses differ: {loss_rev} vs {loss_unr}"
     err = relative_error(got, want)
-    assert err <= 1e-9, f"dropout={dropout}: reversible vs unrolled LM gradient relative error {err:.3g} > 1e-9"
+    assert err <= 1e-9, f"dropout={dropout}, rng={rng}: reversible vs unrolled LM gradient relative error {err:.3g} > 1e-9"
 
 
 @pytest.mark.parametrize("method", ["reversible", "explicit"])

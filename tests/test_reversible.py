@@ -23,7 +23,7 @@ def run(adjoint, beta, steps, *, dtype=torch.float64, dropout=0.0, checkpoint_ev
     f = Block(width, dropout).to(dtype)
     x = torch.randn(batch, width, dtype=dtype, requires_grad=True)
     start = torch.randn(batch, width, dtype=dtype, requires_grad=True) if z0 else None
-    torch.manual_seed(seed + 1)  # the solve draws its per-evaluation seeds from here
+    torch.manual_seed(seed + 1)  # the solve draws its dropout seed from here
     sol = rk.solve(f, x, start, beta=beta, max_steps=steps, tol=tol, adjoint=adjoint,
                    checkpoint_every=checkpoint_every, backend=backend, state_dtype=state_dtype,
                    reversal=reversal if adjoint == "reversible" else None)
@@ -166,8 +166,8 @@ def test_without_rng_replay_dropout_gradients_are_wrong():
     f = Block(6, dropout=0.3).double()
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(1)
-    sol = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch", replay_rng=False, reversal="float")
-    with pytest.warns(RuntimeWarning, match="the gradients are inexact. replay_rng=False, so any random op"):
+    sol = rk.solve(f, x, beta=0.5, max_steps=6, tol=0, backend="torch", rng="global", reversal="float")
+    with pytest.warns(RuntimeWarning, match="the gradients are inexact. rng=.global., so any random op"):
         sol.z.sum().backward()
     assert sol.reconstruction_error > 1e-3, "unreplayed dropout should break the reconstruction"
 

@@ -12,8 +12,9 @@ mlp_ratio * d):
 
 docs/lm.md, "Which block has an equilibrium", gives what each one measured.
 
-Dropout is plain ``nn.Dropout``: the core reseeds every evaluation of f, so its reverse
-pass replays each evaluation's mask exactly.
+Dropout is plain ``nn.Dropout``: the core seeds every evaluation of f from one seed per
+solve (config ``rng``), so each solve iterates one block with one set of masks, and its
+reverse pass replays them exactly.
 
 Incremental decoding: ``Block(z, x, past=(k, v))`` attends from the new positions in ``z``
 to the cached keys/values of earlier positions, then to their own; ``kv_out`` collects the

@@ -59,6 +59,10 @@ def broyden_settings(cfg: "LMConfig") -> dict:
                 max_steps=2 * cfg.max_steps, backward_max_steps=2 * cfg.max_steps, tol=cfg.tol)
 
 
+# rk's rng modes that replay f's masks; "global" would leave the backward other masks.
+LM_RNG_MODES = ("per_solve", "per_evaluation")
+
+
 class ConfigError(ValueError):
     """A bad configuration: unknown key, value of the wrong type, or value out of range."""
 
@@ -81,6 +85,7 @@ class LMConfig:
     tol: float = 1e-3               # DEQ stop tolerance on the relative residual (0: always max_steps)
     state_dtype: str | None = None  # DEQ states: float32 | float64 | bfloat16 | null (= the activations')
     reversal: str | None = None     # how the backward rebuilds the states: exact | float | null (= exact)
+    rng: str = "per_solve"          # DEQ dropout masks: per_solve (one mask per solve: f has a fixed point) | per_evaluation
     inference_solver: str | None = None  # DEQ eval/generation: anderson | broyden | null (= the training solve)
     jac_reg: float = 0.0            # DEQ: weight of the Jacobian penalty ||J_f||_F^2 / n at z* in the loss (0: off)
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
@@ -167,6 +172,8 @@ class LMConfig:
                               checkpoint_every=self.checkpoint_every or None)
         except SettingError as error:
             need(False, error.name, error.reason)
+        need(self.rng in LM_RNG_MODES, "rng", f"must be one of {', '.join(LM_RNG_MODES)} (both replay the forward "
+             "pass's masks in the backward)")
         need(self.reversal is None or self.method == "reversible", "reversal",
              f"'{self.reversal}' applies to method=reversible only (method is {self.method})")
         need(self.inference_solver in INFERENCE_SOLVERS + (None,), "inference_solver",

@@ -74,7 +74,7 @@ class TransformerLM(nn.Module):
         # a non-finite state gives a non-finite loss, which the training loop turns into a
         # clean stop on every rank (an exception on one rank would leave the others waiting
         # in an all-reduce)
-        common = dict(state_dtype=state_dtype_of(cfg), backend=cfg.backend, on_nonfinite="warn")
+        common = dict(state_dtype=state_dtype_of(cfg), backend=cfg.backend, on_nonfinite="warn", rng=cfg.rng)
         if cfg.method == "broyden":
             return rk.DEQ(block, **broyden_settings(cfg), **common)
         # One solver for the other DEQ methods: the reversible iteration, so that they differ

@@ -20,7 +20,8 @@ from ..ops.reference import relax
 
 def phantom_steps(problem, z_star, x, steps: int, damping: float):
     """s_k from s_0 = z_star (detached) under the current grad mode; evaluation i of the
-    k uses the random stream after the forward solver's."""
+    k uses the random stream after the forward solver's (under rng="per_solve" that is
+    the solve's one stream: the f whose fixed point z_star is)."""
     state = z_star.detach()
     first = problem.stats.steps + 1
     for i in range(steps):
