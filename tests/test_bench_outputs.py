@@ -58,6 +58,19 @@ def test_solvers_json(tmp_path):
     assert row["width"] == 8 and all(row[s]["nfe"] > 0 for s in ("fixed_point", "anderson", "broyden")), row
 
 
+def test_dropout_masks_json(tmp_path, capsys):
+    out = tmp_path / "dropout.json"
+    assert bench_module("dropout_masks").main(["--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert_header(payload, out)
+    rows = {(r["rng"], r["solver"]): r for r in payload["rows"]}
+    assert len(rows) == 6, sorted(rows)
+    for solver in ("reversible", "anderson", "fixed_point"):
+        one_mask, many = rows["per_solve", solver], rows["per_evaluation", solver]
+        assert one_mask["max_residual"] <= 1e-9 < many["max_residual"], (one_mask, many)
+    assert "| per_solve | reversible |" in capsys.readouterr().out
+
+
 def test_lm_blocks_json(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     small = (f"dataset:files,data_files:{corpus},data_dir:{tmp_path / 'cache'},tokenizer:bpe,vocab_size:320,"
