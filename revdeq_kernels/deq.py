@@ -41,7 +41,7 @@ from .convergence import Trajectory
 from .f_module import attach_f, bind_context, gradient_inputs
 from .problem import eager_under_compile, make_problem
 from .reversal import forward_solve
-from .reversible import solve
+from .reversible import ReversibleDEQ, solve
 from .settings import DEQSettings, state_steps
 from .solvers import AtEquilibriumFunction, ImplicitAdjoint, PhantomAdjoint, iterative_solver
 from .stats import SolverStats
@@ -182,6 +182,8 @@ class DEQ(nn.Module):
                                                 visit=trajectory.visit if keep else None)
         problem.stats.nfe_forward = 1 + problem.stats.steps
         return trajectory.states(z) if keep else [z]
+
+    replaying_rng = ReversibleDEQ.replaying_rng
 
     def extra_repr(self) -> str:
         """The settings in use: the defaults filled in, the unused ones (None) left out."""

@@ -15,6 +15,7 @@ both)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -34,6 +35,17 @@ def _block_of(f):
     from .reversible import ReversibleDEQ
 
     return f.f if isinstance(f, (ReversibleDEQ, DEQ)) else f
+
+
+def as_last_solved(f) -> contextlib.AbstractContextManager:
+    """For a layer that has solved: its last solve's random numbers (``replaying_rng``); for
+    a bare block, or a layer not yet called, nothing to replay."""
+    from .deq import DEQ
+    from .reversible import ReversibleDEQ
+
+    if isinstance(f, (ReversibleDEQ, DEQ)) and f.last_stats is not None:
+        return f.replaying_rng()
+    return contextlib.nullcontext()
 
 
 def block_at(f, z, x, context: dict):
@@ -85,13 +97,15 @@ def spectral_radius(f, z, x, *, iters: int = 100, vectors: int = 4, seed: int = 
     keywords; z and x may be tuples of tensors, as for the layer. Samples are taken to be
     independent (each sample's Jacobian is its own diagonal block), as they are for a block
     in eval mode; BatchNorm in training mode mixes them. f's buffers are left as they were
-    and no gradient is recorded. Returns a tensor of shape [batch] in z's dtype (float32 at
+    and no gradient is recorded. Given the layer, f draws its last solve's random numbers
+    (dropout masks; ``replaying_rng``): the f whose fixed point z is. Returns a tensor of shape [batch] in z's dtype (float32 at
     least), NaN for a sample whose Jacobian products are not finite.
     """
     _check_subspace(iters, vectors)
     block, z, x = block_at(f, z, x, context)
     with torch.enable_grad(), BufferSnapshot(block):
-        jt = _transposed_jacobian(block, z, x, "spectral_radius")
+        with as_last_solved(f):
+            jt = _transposed_jacobian(block, z, x, "spectral_radius")
         return _largest_modulus(jt, z.shape[0], z[0].numel(), z, iters, vectors, seed)
 
 
@@ -120,7 +134,8 @@ def iteration_rate(f, z, x, *, beta: float | None = None, iters: int = 100, vect
     beta = coupling("beta", _layer_beta(f) if beta is None else beta)
     block, z, x = block_at(f, z, x, context)
     with torch.enable_grad(), BufferSnapshot(block):
-        jt = _transposed_jacobian(block, z, x, "iteration_rate")
+        with as_last_solved(f):
+            jt = _transposed_jacobian(block, z, x, "iteration_rate")
         size = z[0].numel()
 
         def step_transposed(v: Tensor) -> Tensor:
@@ -157,11 +172,14 @@ def fixed_point_gaps(f, z, x, **context) -> FixedPointGaps:
     """
     block, z, x = block_at(f, z, x, context)
     with torch.no_grad(), BufferSnapshot(block):
-        fz = evaluate_at(block, z, x, "fixed_point_gaps")
-        ffz = evaluate_at(block, fz, x, "fixed_point_gaps")
-    # the solvers' own definition: ||a - b|| / (1e-5 + ||b||), summed as the stop test sums
-    residual = relative_residual(*residual_norms(z, fz))
-    cycle_gap = relative_residual(*residual_norms(ffz, z))
+        with as_last_solved(f):
+            fz = evaluate_at(block, z, x, "fixed_point_gaps")
+        with as_last_solved(f):
+            ffz = evaluate_at(block, fz, x, "fixed_point_gaps")
+        # the solvers' own definition: ||a - b|| / (1e-5 + ||b||), summed as the stop test sums;
+        # under no_grad, since block_at's z requires grad
+        residual = relative_residual(*residual_norms(z, fz))
+        cycle_gap = relative_residual(*residual_norms(ffz, z))
     return FixedPointGaps(residual, cycle_gap, at_two_cycle(residual, cycle_gap))
 
 

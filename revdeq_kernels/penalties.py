@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .f_module import BufferSnapshot
-from .jacobian import block_at, evaluate_at
+from .jacobian import as_last_solved, block_at, evaluate_at
 
 
 def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
@@ -19,7 +19,9 @@ def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
     around z*, so the solver converges there and more steps keep it there.
 
     ``f`` is the block, or the ``ReversibleDEQ``/``DEQ`` holding it; ``context`` its keywords,
-    as for the layer's call; z and x may be tuples of tensors, as for the layer. Differentiable
+    as for the layer's call; z and x may be tuples of tensors, as for the layer. Given the
+    layer, f draws the random numbers (dropout masks) of the layer's last solve
+    (``replaying_rng``), so the penalty is of the f whose fixed point z is. Differentiable
     in f's parameters, x and the context; z* is a constant here (its gradient is the DEQ's own).
     f's buffers (BatchNorm's running statistics) are left as they were: this evaluation is not
     a forward pass of the model. Attention runs on PyTorch's math kernel, the only one with a
@@ -30,7 +32,8 @@ def jacobian_penalty(f, z, x, *, probes: int = 1, **context) -> Tensor:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
     block, z, x = block_at(f, z, x, context)
     with torch.enable_grad(), BufferSnapshot(block), sdpa_kernel(SDPBackend.MATH):
-        fz = evaluate_at(block, z, x, "the penalty")
+        with as_last_solved(f):
+            fz = evaluate_at(block, z, x, "the penalty")
         total = None
         for _ in range(probes):
             (vjp,) = torch.autograd.grad(fz, z, torch.randn_like(fz), create_graph=True)

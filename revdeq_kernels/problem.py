@@ -407,13 +407,14 @@ def make_problem(f, x: Tensor, z0: Tensor | None, settings, params: list) -> tup
         x.requires_grad or (z0 is not None and z0.requires_grad) or any(p.requires_grad for p in params))
     backend = resolve_backend(settings.backend, x.device)
     module = module_of(f)
+    random_stream = EvaluationRNG(x.device, settings.rng)
     problem = Problem(
         f=f, beta=settings.beta, max_steps=settings.max_steps, tol=settings.tol, state_dtype=state_dtype,
         f_dtype=x.dtype, output_dtype=output_dtype, device=x.device, backend=backend, on_nonfinite=settings.on_nonfinite,
-        rng=EvaluationRNG(x.device, settings.rng), autocast=_autocast_state(x.device),
+        rng=random_stream, autocast=_autocast_state(x.device),
         params=params, buffers=HeldBuffers(f), differentiated=differentiated,
         bindings=SolvedBindings(module) if differentiated and module is not None else None,
-        stats=SolverStats(backend=backend),
+        stats=SolverStats(backend=backend, random_stream=random_stream),
         undeclared=UndeclaredInputs(f, params) if UndeclaredInputs.wanted(f) else None,
         ratio=fixed_point.beta_ratio(settings.beta) if settings.resolved_reversal == "exact" else None,
         frac_bits=(settings.frac_bits or fixed_point.default_frac_bits(x.dtype)) if settings.resolved_reversal == "exact" else 0,

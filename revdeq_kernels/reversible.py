@@ -31,6 +31,7 @@ from .packing import is_several, solve_several
 from .problem import Problem, eager_under_compile, make_problem
 from .reversal import (FloatReversal, forward_iteration, forward_solve, kept_states, make_reversal, relative_gap,
                        state_scale)
+from .rng import replaying
 from .settings import SolveSettings, state_steps
 from .stats import Solution, SolverStats
 from .unrolled import unrolled_solve
@@ -357,6 +358,13 @@ class ReversibleDEQ(nn.Module):
                          states_at=states_at)
         self.last_stats = solution.stats
         return solution.z if states_at is None else solution.states
+
+    def replaying_rng(self):
+        """A context in which f's random ops (dropout) draw what they drew in this layer's last
+        solve, so that f evaluated at the solution for a penalty is the f the solve iterated:
+        ``with deq.replaying_rng(): fz = deq.f(z, x)``. With rng="per_solve" only; under the
+        other modes the solve had no one f, and the body draws fresh numbers."""
+        return replaying(self.last_stats)
 
     def extra_repr(self) -> str:
         s = self.settings

@@ -19,6 +19,9 @@ The modes (the ``rng`` setting):
   no fixed point: its residual stays at the noise's size.
 - ``"global"``: no replay; f draws from the global generator as any layer does, so the
   backward's recomputation draws other numbers than the forward pass did.
+
+``replaying(stats)`` gives the same numbers outside the solve: f evaluated at the solution
+for a penalty is then the f the solve iterated (``ReversibleDEQ.replaying_rng``).
 """
 
 from __future__ import annotations
@@ -52,3 +55,13 @@ class EvaluationRNG:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
                 yield
+
+
+def replaying(stats) -> contextlib.AbstractContextManager:
+    """A context in which f's random ops draw what they drew in the solve ``stats`` reports:
+    under rng="per_solve" its one stream. Under "per_evaluation" and "global" the solve had
+    no one f, and the body draws fresh numbers from the global generator."""
+    stream = None if stats is None else stats.random_stream
+    if stream is None:
+        raise RuntimeError("no solve to replay the random numbers of: call the DEQ layer first")
+    return stream.evaluation(0) if stream.mode == "per_solve" else contextlib.nullcontext()

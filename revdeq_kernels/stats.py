@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from .convergence import at_two_cycle
+from .rng import EvaluationRNG
 
 
 @dataclass
@@ -25,6 +26,7 @@ class SolverStats:
     reconstruction_error: for the reversible adjoint, max |reconstructed - true| over the
         states the backward pass lands on (the start, and every checkpoint), divided by
         max |z_N| (the scale of the state). 0 means the inverse was exact in floating point.
+    random_stream: the seeds f's random ops drew from (rng.py), for ``rng.replaying``.
     """
 
     steps: int = 0
@@ -36,6 +38,7 @@ class SolverStats:
     nfe_backward: int = 0
     reconstruction_error: float | None = None
     backend: str = "torch"
+    random_stream: EvaluationRNG | None = field(default=None, repr=False)
 
     @property
     def max_residual(self) -> float:

@@ -177,3 +177,60 @@ def test_deprecated_replay_rng_maps_to_rng_with_a_warning():
 def test_bad_rng_settings_are_one_line_errors(settings, message, kind):
     with pytest.raises(SettingError, match=message):
         kind(**settings)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("layer", ["ReversibleDEQ", "DEQ"])
+def test_replaying_rng_gives_f_the_last_solve_s_masks(device, layer):
+    f = MaskRecorder()
+    x = torch.randn(BATCH, WIDTH, dtype=torch.float64, device=device)
+    deq = rk.ReversibleDEQ(f, max_steps=3, tol=0) if layer == "ReversibleDEQ" else rk.DEQ(f, max_steps=3, tol=0)
+    with pytest.raises(RuntimeError, match="^no solve to replay the random numbers of: call the DEQ layer first$"):
+        deq.replaying_rng()
+    z = deq(x)
+    solved = f.masks[0]
+    for _ in range(2):  # each entry replays from the solve's start, not from where the last one stopped
+        with deq.replaying_rng():
+            f(z, x)
+        assert torch.equal(f.masks[-1], solved), f"{layer}: f in replaying_rng() drew another mask than the solve's"
+    with deq.replaying_rng():
+        f(z, x)
+        f(z, x)
+    assert not torch.equal(f.masks[-1], solved), "a second draw in one context repeated the first: not a stream"
+
+
+@pytest.mark.parametrize("device", devices())
+def test_diagnostics_given_the_layer_evaluate_the_f_it_solved(device):
+    """fixed_point_gaps on the layer reads the residual the solve reported, with its masks
+    (float64: rounding); on the bare block, f draws other masks and reads the masks' noise."""
+    f, x = block_and_input(device, seed=4)
+    deq = rk.ReversibleDEQ(f, max_steps=40, tol=1e-10)
+    z = deq(x)
+    reported = deq.last_stats.residual
+    assert float(reported.max()) <= 1e-10, f"the solve did not converge: {float(reported.max()):.3g}"
+    replayed = rk.fixed_point_gaps(deq, z, x).residual
+    assert not replayed.requires_grad, "fixed_point_gaps returned a tensor attached to its own leaf"
+    assert torch.allclose(replayed, reported, rtol=0, atol=1e-12), (
+        f"fixed_point_gaps(layer) {float(replayed.max()):.3g} against the solve's {float(reported.max()):.3g}")
+    fresh = rk.fixed_point_gaps(f, z, x).residual
+    assert float(fresh.max()) > 1e-2, f"the bare block with fresh masks read {float(fresh.max()):.3g}"
+
+
+
+@pytest.mark.parametrize("device", devices())
+def test_jacobian_penalty_given_the_layer_differentiates_the_f_it_solved(device):
+    f, x = block_and_input(device, seed=5)
+    deq = rk.ReversibleDEQ(f, max_steps=40, tol=1e-10)
+    z = deq(x).detach()
+    torch.manual_seed(9)  # the probe's draw
+    penalty = rk.jacobian_penalty(deq, z, x)
+    torch.manual_seed(9)
+    at = z.clone().requires_grad_()
+    with deq.replaying_rng():
+        fz = f(at, x)
+    (vjp,) = torch.autograd.grad(fz, at, torch.randn_like(fz))
+    by_hand = vjp.pow(2).sum() / z.numel()
+    assert torch.allclose(penalty, by_hand, rtol=1e-12, atol=0), f"{penalty.item()} against {by_hand.item()}"
+    torch.manual_seed(9)
+    fresh = rk.jacobian_penalty(f, z, x)
+    assert abs(fresh.item() / by_hand.item() - 1) > 1e-3, "the bare block's fresh masks gave the same penalty"
