@@ -54,6 +54,7 @@ def test_unknown_key_lists_every_valid_key(tmp_path):
     ("vocab_size=0", "vocab_size=0: must be >= 1"),
     ("seed", "is not key=value"),
     ("rng=global", r"rng='global': must be one of per_solve, per_evaluation \(both replay"),
+    ("penalty_masks=same", "penalty_masks='same': must be one of fresh, solve"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -61,6 +61,8 @@ def broyden_settings(cfg: "LMConfig") -> dict:
 
 # rk's rng modes that replay f's masks; "global" would leave the backward other masks.
 LM_RNG_MODES = ("per_solve", "per_evaluation")
+# The dropout masks of f where the penalties evaluate it at z*: new ones, or the solve's.
+PENALTY_MASKS = ("fresh", "solve")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,7 @@ class LMConfig:
     jac_reg: float = 0.0            # DEQ: weight of the Jacobian penalty ||J_f||_F^2 / n at z* in the loss (0: off)
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
+    penalty_masks: str = "fresh"    # DEQ: dropout masks of the penalties' f at z*: fresh (also penalise f's sensitivity to them) | solve
     depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
     state_loss: float = 0.0         # reversible/unrolled/phantom: weight of the mean CE of z at N/4, N/2, 3N/4 (fixed-point correction; 0: off)
     tail_fraction: float = 0.0      # DEQ training: the last tail_fraction of the steps (or of time_budget_s) solve at tail_max_steps (0: off)
@@ -172,6 +175,7 @@ class LMConfig:
                               checkpoint_every=self.checkpoint_every or None)
         except SettingError as error:
             need(False, error.name, error.reason)
+        need(self.penalty_masks in PENALTY_MASKS, "penalty_masks", f"must be one of {', '.join(PENALTY_MASKS)}")
         need(self.rng in LM_RNG_MODES, "rng", f"must be one of {', '.join(LM_RNG_MODES)} (both replay the forward "
              "pass's masks in the backward)")
         need(self.reversal is None or self.method == "reversible", "reversal",

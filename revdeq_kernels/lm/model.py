@@ -143,17 +143,20 @@ class TransformerLM(nn.Module):
         + state_loss * (mean cross-entropy of the ``intermediate`` states)`` at the solution z
         (``loss``: the cross-entropy at z against ``targets``), or None when every weight is 0:
         the terms the training objective adds to the loss. The residual and depth terms share
-        one evaluation of f. Every evaluation of f here draws the solve's dropout masks
-        (``rng=per_solve``), so that the terms are of the f whose fixed point z is."""
+        one evaluation of f. Under dropout that evaluation draws new masks
+        (``penalty_masks=fresh``: the terms then also penalise f's sensitivity to its masks,
+        which trained better, docs/lm.md) or the solve's (``solve``: the residual the solve
+        reached)."""
         cfg, f = self.cfg, self.deq.f
+        replay = cfg.penalty_masks == "solve"  # given the layer, jacobian_penalty replays too
         terms = []
         if cfg.state_loss > 0 and intermediate:
             state_losses = [self.cross_entropy(self.readout(state.to(x.dtype)), targets) for state in intermediate]
             terms.append(cfg.state_loss * sum(state_losses) / len(state_losses))
         if cfg.jac_reg > 0:
-            terms.append(cfg.jac_reg * jacobian_penalty(self.deq, z, x))
+            terms.append(cfg.jac_reg * jacobian_penalty(self.deq if replay else f, z, x))
         if cfg.res_reg > 0 or cfg.depth_reg > 0:
-            with self.deq.replaying_rng():
+            with self.deq.replaying_rng() if replay else contextlib.nullcontext():
                 fz = f(z.to(x.dtype), x)
             if cfg.res_reg > 0:
                 terms.append(cfg.res_reg * residual_penalty(z, fz))

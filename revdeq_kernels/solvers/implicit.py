@@ -42,8 +42,8 @@ class ImplicitAdjoint:
         acc = accumulation_dtype(problem.state_dtype)
         cotangent = grad_z.to(acc).contiguous()
         z_in = z_star.detach().to(problem.f_dtype).requires_grad_(True)
-        # The forward's last evaluation was f(z*) with index `steps`: its random stream (the solve's one under
-        # rng="per_solve").
+        # Under rng="per_solve" every index draws the solve's masks. Under "per_evaluation", index `steps` is the
+        # forward's last evaluation for the one-evaluation-per-step solvers (not the reversible one's, 2 * steps).
         out = problem.call_f(z_in, x_in, problem.stats.steps)
 
         def adjoint_map(u: Tensor, index: int) -> Tensor:
