@@ -98,8 +98,9 @@ def spectral_radius(f, z, x, *, iters: int = 100, vectors: int = 4, seed: int = 
     independent (each sample's Jacobian is its own diagonal block), as they are for a block
     in eval mode; BatchNorm in training mode mixes them. f's buffers are left as they were
     and no gradient is recorded. Given the layer, f draws its last solve's random numbers
-    (dropout masks; ``replaying_rng``): the f whose fixed point z is. Returns a tensor of shape [batch] in z's dtype (float32 at
-    least), NaN for a sample whose Jacobian products are not finite.
+    (dropout masks; ``replaying_rng``): the f whose fixed point z is. Returns a tensor of
+    shape [batch] in z's dtype (float32 at least), NaN for a sample whose Jacobian products
+    are not finite.
     """
     _check_subspace(iters, vectors)
     block, z, x = block_at(f, z, x, context)

@@ -296,7 +296,8 @@ class ExactReversal(FloatReversal):
             f"reversal='exact' rebuilt {what}: f did not compute the same bits in the backward's "
             "recomputation as in the forward pass: " + (_suspects(self.problem, probe) or (
                 "f gave the same bits on three evaluations at the solve's last state, with a graph and without, "
-                f"so {NONDETERMINISM}, or for a random op that rng does not replay (one drawing from its own torch.Generator)")))
+                f"so {NONDETERMINISM}, or for a random op that rng does not replay (one drawing from its own "
+                "torch.Generator)")))
 
 
 def make_reversal(problem: Problem) -> FloatReversal:

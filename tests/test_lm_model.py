@@ -54,7 +54,7 @@ def test_reversible_gradients_equal_unrolled_float64(dropout, rng):
     want, loss_unr = lm_gradients("unrolled", dropout, rng)
     assert loss_rev == loss_unr, f"losses differ: {loss_rev} vs {loss_unr}"
     err = relative_error(got, want)
-    assert err <= 1e-9, f"dropout={dropout}, rng={rng}: reversible vs unrolled LM gradient relative error {err:.3g} > 1e-9"
+    assert err <= 1e-9, f"dropout={dropout}, rng={rng}: reversible vs unrolled LM gradient error {err:.3g} > 1e-9"
 
 
 @pytest.mark.parametrize("method", ["reversible", "explicit"])

@@ -87,12 +87,12 @@ class LMConfig:
     tol: float = 1e-3               # DEQ stop tolerance on the relative residual (0: always max_steps)
     state_dtype: str | None = None  # DEQ states: float32 | float64 | bfloat16 | null (= the activations')
     reversal: str | None = None     # how the backward rebuilds the states: exact | float | null (= exact)
-    rng: str = "per_solve"          # DEQ dropout masks: per_solve (one mask per solve: f has a fixed point) | per_evaluation
+    rng: str = "per_solve"          # DEQ dropout masks: per_solve (one per solve: f has a fixed point) | per_evaluation
     inference_solver: str | None = None  # DEQ eval/generation: anderson | broyden | null (= the training solve)
     jac_reg: float = 0.0            # DEQ: weight of the Jacobian penalty ||J_f||_F^2 / n at z* in the loss (0: off)
     depth_jitter: int = 0           # DEQ training: each step solves max_steps + U{0..depth_jitter} steps
     res_reg: float = 20.0           # DEQ: weight of the squared relative residual at z* in the loss (0: off)
-    penalty_masks: str = "fresh"    # DEQ: dropout masks of the penalties' f at z*: fresh (also penalise f's sensitivity to them) | solve
+    penalty_masks: str = "fresh"    # DEQ: the penalties' dropout masks at z*: fresh (trained better, docs/lm.md) | solve
     depth_reg: float = 0.0          # DEQ: weight of relu(CE at f(z*) - CE at z*), one more evaluation's loss rise (0: off)
     state_loss: float = 0.0         # reversible/unrolled/phantom: weight of the mean CE of z at N/4, N/2, 3N/4 (fixed-point correction; 0: off)
     tail_fraction: float = 0.0      # DEQ training: the last tail_fraction of the steps (or of time_budget_s) solve at tail_max_steps (0: off)
