@@ -38,14 +38,14 @@ def _block_of(f):
 
 
 def as_last_solved(f) -> contextlib.AbstractContextManager:
-    """For a layer that has solved: its last solve's random numbers (``replaying_rng``); for
-    a bare block, or a layer not yet called, nothing to replay."""
+    """For a layer whose last solve drew one set of random numbers (rng="per_solve"): those
+    (``replaying_rng``). A bare block, a layer not yet called, or one solved with a new mask
+    per evaluation has no such f, and f draws fresh numbers, as it would from the block."""
     from .deq import DEQ
     from .reversible import ReversibleDEQ
 
-    if isinstance(f, (ReversibleDEQ, DEQ)) and f.last_stats is not None:
-        return f.replaying_rng()
-    return contextlib.nullcontext()
+    stream = f.last_stats.random_stream if isinstance(f, (ReversibleDEQ, DEQ)) and f.last_stats else None
+    return f.replaying_rng() if stream is not None and stream.mode == "per_solve" else contextlib.nullcontext()
 
 
 def block_at(f, z, x, context: dict):

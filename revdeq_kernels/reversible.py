@@ -362,8 +362,8 @@ class ReversibleDEQ(nn.Module):
     def replaying_rng(self):
         """A context in which f's random ops (dropout) draw what they drew in this layer's last
         solve, so that f evaluated at the solution for a penalty is the f the solve iterated:
-        ``with deq.replaying_rng(): fz = deq.f(z, x)``. With rng="per_solve" only; under the
-        other modes the solve had no one f, and the body draws fresh numbers."""
+        ``with deq.replaying_rng(): fz = deq.f(z, x)``. With rng="per_solve" only: under the
+        other modes the solve had no one f, and it raises."""
         return replaying(self.last_stats)
 
     def extra_repr(self) -> str:

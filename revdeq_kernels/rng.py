@@ -20,8 +20,8 @@ The modes (the ``rng`` setting):
 - ``"global"``: no replay; f draws from the global generator as any layer does, so the
   backward's recomputation draws other numbers than the forward pass did.
 
-``replaying(stats)`` gives the same numbers outside the solve: f evaluated at the solution
-for a penalty is then the f the solve iterated (``ReversibleDEQ.replaying_rng``).
+``replaying(stats)`` gives a "per_solve" solve's numbers outside it: f evaluated at the
+solution for a penalty is then the f the solve iterated (``ReversibleDEQ.replaying_rng``).
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ class EvaluationRNG:
 
 
 def replaying(stats) -> contextlib.AbstractContextManager:
-    """A context in which f's random ops draw what they drew in the solve ``stats`` reports:
-    under rng="per_solve" its one stream. Under "per_evaluation" and "global" the solve had
-    no one f, and the body draws fresh numbers from the global generator."""
+    """A context in which f's random ops draw what they drew in the solve ``stats`` reports,
+    its one stream under rng="per_solve". Under "per_evaluation" and "global" the solve had
+    no one f to replay, which is an error, not a silent fresh draw."""
     stream = None if stats is None else stats.random_stream
     if stream is None:
         raise RuntimeError("no solve to replay the random numbers of: call the DEQ layer first")
-    return stream.evaluation(0) if stream.mode == "per_solve" else contextlib.nullcontext()
+    if stream.mode != "per_solve":
+        raise RuntimeError(f"the last solve ran with rng={stream.mode!r}, which gives f no one set of random numbers "
+                           "to replay; solve with rng='per_solve'")
+    return stream.evaluation(0)

@@ -61,6 +61,13 @@ def test_bad_values_name_the_key(override, match):
         load_config("tiny", [override])
 
 
+def test_penalty_masks_solve_needs_one_mask_per_solve():
+    with pytest.raises(ConfigError, match="penalty_masks='solve': 'solve' replays the solve's one set of masks, "
+                                          "and rng=per_evaluation draws a new one per evaluation"):
+        load_config("tiny", ["rng=per_evaluation", "penalty_masks=solve"])
+    assert load_config("tiny", ["rng=per_evaluation"]).penalty_masks == "fresh"
+
+
 def test_missing_preset_and_file():
     with pytest.raises(ConfigError, match="no config preset 'huge'; presets: small, tiny, wt103"):
         load_config("huge")

@@ -199,6 +199,19 @@ def test_replaying_rng_gives_f_the_last_solve_s_masks(device, layer):
     assert not torch.equal(f.masks[-1], solved), "a second draw in one context repeated the first: not a stream"
 
 
+@pytest.mark.parametrize("mode", ["per_evaluation", "global"])
+def test_replaying_rng_refuses_a_solve_without_one_set_of_masks(mode):
+    """No silent fresh draw: the layer raises, and the diagnostics, given it, use fresh masks
+    as for the bare block (they still run)."""
+    f = MaskRecorder()
+    x = torch.randn(BATCH, WIDTH, dtype=torch.float64)
+    deq = rk.ReversibleDEQ(f, max_steps=3, tol=0, rng=mode)
+    z = deq(x)
+    with pytest.raises(RuntimeError, match=f"^the last solve ran with rng='{mode}', which gives f no one set"):
+        deq.replaying_rng()
+    assert rk.fixed_point_gaps(deq, z, x).residual.shape == (BATCH,)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_diagnostics_given_the_layer_evaluate_the_f_it_solved(device):
     """fixed_point_gaps on the layer reads the residual the solve reported, with its masks

@@ -176,6 +176,8 @@ class LMConfig:
         except SettingError as error:
             need(False, error.name, error.reason)
         need(self.penalty_masks in PENALTY_MASKS, "penalty_masks", f"must be one of {', '.join(PENALTY_MASKS)}")
+        need(self.penalty_masks == "fresh" or self.rng == "per_solve", "penalty_masks",
+             f"'solve' replays the solve's one set of masks, and rng={self.rng} draws a new one per evaluation")
         need(self.rng in LM_RNG_MODES, "rng", f"must be one of {', '.join(LM_RNG_MODES)} (both replay the forward "
              "pass's masks in the backward)")
         need(self.reversal is None or self.method == "reversible", "reversal",
